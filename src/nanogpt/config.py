@@ -1,0 +1,194 @@
+"""Typed configuration: the dataclass schemas behind every shipped YAML, and their checks.
+
+This is the only place defaults live. Hydra composes YAML from `src/nanogpt/config/` on top of
+these schemas (a typo'd key or a wrong type fails at start-up); the CLI then converts the result
+once to these dataclasses and the library never sees a DictConfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from nanogpt.errors import ConfigError
+from nanogpt.model import GPTConfig
+
+CONFIG_DIR = str(Path(__file__).with_name("config"))  # YAML shipped inside the package
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class SystemConfig:
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
+    dtype: str = "auto"  # auto (bf16 where supported, else fp16; fp32 on CPU), float32, bfloat16, float16
+    compile: bool = False  # torch.compile the model
+    seed: int = 1337
+
+
+@dataclass
+class DataConfig:
+    name: str = "shakespeare_char"  # dataset module used by nanogpt-prepare
+    data_dir: str = "data/${data.name}"  # folder with train.bin, val.bin, meta.json
+    batch_size: int = 12  # sequences per micro-step (per rank)
+    sampler: str = "random"  # random (with replacement, nanoGPT's) or epoch (permutation, no replacement)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    warmup_iters: int = 2000
+    decay_lr: bool = True  # cosine from lr to min_lr over lr_decay_iters; False keeps lr constant
+    lr_decay_iters: int = "${train.max_iters}"  # type: ignore[assignment]  # interpolated
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 600000
+    eval_interval: int = 2000
+    eval_iters: int = 200  # validation batches per evaluation (a fixed set of windows)
+    log_interval: int = 1
+    grad_accum_steps: int = 1  # micro-steps per optimizer step, over all ranks together
+    always_save_checkpoint: bool = True  # also save when val loss did not improve
+    eval_only: bool = False
+
+
+@dataclass
+class ConsoleLoggerConfig:
+    progress: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    """Logging backends; a backend set to null is off. Chosen with `logger=[csv,tensorboard]`."""
+
+    console: ConsoleLoggerConfig = field(default_factory=ConsoleLoggerConfig)
+
+
+@dataclass
+class TrainJob:
+    """Everything `nanogpt-train` needs."""
+
+    out_dir: str = "out"
+    init_from: str = "scratch"  # scratch | resume | a pretrained name (gpt2 ... gpt2-xl) | an HF folder
+    system: SystemConfig = field(default_factory=SystemConfig)
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+# ---- cross-field checks ------------------------------------------------------------------------
+
+
+def check_system(s: SystemConfig) -> None:
+    base = s.device.split(":")[0]
+    if base not in DEVICES:
+        raise ConfigError(f"system.device={s.device!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
+    if s.dtype not in DTYPES:
+        raise ConfigError(f"system.dtype={s.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+def check_model(m: GPTConfig) -> None:
+    for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"model.{key} must be positive, got {getattr(m, key)}")
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+
+
+def check_optim(o: OptimConfig) -> None:
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr={o.lr} must be positive")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} is larger than optim.lr={o.lr}; set min_lr <= lr")
+    if o.decay_lr and o.warmup_iters > o.lr_decay_iters:
+        raise ConfigError(
+            f"optim.warmup_iters={o.warmup_iters} exceeds optim.lr_decay_iters={o.lr_decay_iters}"
+        )
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            raise ConfigError(f"optim.{key}={getattr(o, key)} must be in [0, 1)")
+    if o.weight_decay < 0 or o.grad_clip < 0:
+        raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0")
+
+
+def check_train_job(job: TrainJob) -> TrainJob:
+    """Cross-field rules of a training job; raises ConfigError naming the key to fix."""
+    check_system(job.system)
+    check_model(job.model)
+    check_optim(job.optim)
+    t = job.train
+    for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "grad_accum_steps"):
+        if getattr(t, key) < (0 if key == "max_iters" else 1):
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be positive")
+    if job.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size={job.data.batch_size} must be positive")
+    if job.data.sampler not in ("random", "epoch"):
+        raise ConfigError(f"data.sampler={job.data.sampler!r} must be 'random' or 'epoch'")
+    if not job.out_dir:
+        raise ConfigError("out_dir must be set")
+    return job
+
+
+# ---- registration and conversion ---------------------------------------------------------------
+
+SCHEMAS: dict[str, tuple[type, Any]] = {"train_schema": (TrainJob, check_train_job)}
+
+
+def register_configs() -> None:
+    """Register every schema in Hydra's ConfigStore (primary YAMLs list one first in defaults)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for name, (schema, _check) in SCHEMAS.items():
+        cs.store(name=name, node=schema)
+
+
+def to_dataclass(cfg: Any, schema_name: str = "train_schema") -> Any:
+    """Composed DictConfig -> validated dataclass instance (drops Hydra's own `hydra` node)."""
+    schema, check = SCHEMAS[schema_name]
+    try:
+        # merge a plain container so that every key is checked against the schema again
+        plain = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "hydra"}
+        node = OmegaConf.merge(OmegaConf.structured(schema), plain)
+        obj = OmegaConf.to_object(node)
+    except OmegaConfBaseException as e:  # e.g. a key added with +key= that the schema lacks
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{msg} (full_key: {getattr(e, 'full_key', '?')}); check the key's spelling") from None
+    return check(obj)
+
+
+def to_dict(obj: Any) -> dict:
+    """A config dataclass as plain, JSON-safe dict (for checkpoints and logger hyperparameters)."""
+    return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True)  # type: ignore[return-value]
+
+
+__all__ = [
+    "CONFIG_DIR",
+    "MISSING",
+    "DataConfig",
+    "GPTConfig",
+    "LoggerConfig",
+    "OptimConfig",
+    "SystemConfig",
+    "TrainConfig",
+    "TrainJob",
+    "check_train_job",
+    "register_configs",
+    "to_dataclass",
+    "to_dict",
+]
