@@ -65,14 +65,50 @@ class TrainConfig:
 
 @dataclass
 class ConsoleLoggerConfig:
-    progress: bool = True
+    """Always on: one line per logged step through `logging`."""
+
+    progress: bool = True  # False: only evaluations and the summary
+
+
+@dataclass
+class CSVLoggerConfig:
+    filename: str = "metrics.csv"  # in out_dir; one row per logged step (what nanogpt-plot reads)
+
+
+@dataclass
+class TensorBoardLoggerConfig:
+    log_dir: str = "tensorboard"  # relative to out_dir (`tensorboard --logdir <out_dir>`)
+
+
+@dataclass
+class WandbLoggerConfig:
+    project: str = "nanogpt"
+    entity: str | None = None  # user or team; None: your default entity
+    name: str | None = None  # run name; None: the name of out_dir
+    tags: list[str] = field(default_factory=list)
+    mode: str = "online"  # online | offline (no network; `wandb sync` later) | disabled
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("online", "offline", "disabled"):
+            raise ConfigError(f"logger.wandb.mode={self.mode!r} must be online, offline or disabled")
+
+
+@dataclass
+class MLflowLoggerConfig:
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else the local folder ./mlruns
+    experiment: str = "nanogpt"
+    run_name: str | None = None  # None: the name of out_dir
 
 
 @dataclass
 class LoggerConfig:
-    """Logging backends; a backend set to null is off. Chosen with `logger=[csv,tensorboard]`."""
+    """Logging backends; null is off. Chosen with `logger=[csv,tensorboard]` (console is always on)."""
 
     console: ConsoleLoggerConfig = field(default_factory=ConsoleLoggerConfig)
+    csv: CSVLoggerConfig | None = None
+    tensorboard: TensorBoardLoggerConfig | None = None
+    wandb: WandbLoggerConfig | None = None
+    mlflow: MLflowLoggerConfig | None = None
 
 
 @dataclass
