@@ -125,6 +125,26 @@ class TrainJob:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
+@dataclass
+class ExportJob:
+    """Everything `nanogpt-export` needs: one checkpoint in, one Hugging Face GPT-2 folder out."""
+
+    checkpoint: str = "out"  # a training out_dir or a checkpoint file
+    hf_dir: str = ""  # output folder; empty: `hf/` next to the checkpoint
+    prefer: str = "best"  # in an out_dir: best (best.pt, else ckpt.pt) or latest (ckpt.pt first)
+    dtype: str = "float32"  # of the exported weights: float32, bfloat16 or float16
+
+
+def check_export_job(job: ExportJob) -> ExportJob:
+    if not job.checkpoint:
+        raise ConfigError("checkpoint must name a training out_dir or a checkpoint file")
+    if job.prefer not in ("best", "latest"):
+        raise ConfigError(f"prefer={job.prefer!r} must be 'best' or 'latest'")
+    if job.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype={job.dtype!r} must be float32, bfloat16 or float16")
+    return job
+
+
 # ---- cross-field checks ------------------------------------------------------------------------
 
 
@@ -182,7 +202,10 @@ def check_train_job(job: TrainJob) -> TrainJob:
 
 # ---- registration and conversion ---------------------------------------------------------------
 
-SCHEMAS: dict[str, tuple[type, Any]] = {"train_schema": (TrainJob, check_train_job)}
+SCHEMAS: dict[str, tuple[type, Any]] = {
+    "train_schema": (TrainJob, check_train_job),
+    "export_schema": (ExportJob, check_export_job),
+}
 
 
 def register_configs() -> None:
