@@ -37,6 +37,16 @@ class DataConfig:
     data_dir: str = "data/${data.name}"  # folder with train.bin, val.bin, meta.json
     batch_size: int = 12  # sequences per micro-step (per rank)
     sampler: str = "random"  # random (with replacement, nanoGPT's) or epoch (permutation, no replacement)
+    # -- used by nanogpt-prepare only --
+    tokenizer: str = "gpt2"  # gpt2 (tiktoken BPE) or char; only data=text may choose
+    input: Any = ""  # data=text: a file, folder or glob, or a list of them ([a.txt,docs/])
+    val_fraction: float = 0.1  # text / shakespeare: the last fraction of characters is validation
+    num_proc: int = 0  # tokenizer threads / worker processes; 0: all cores
+    hf_dataset: str = "Skylion007/openwebtext"  # openwebtext: hub id, save_to_disk folder or data files
+    hf_split: str = "train"
+    text_field: str = "text"  # the column holding each document
+    val_docs: int = 4000  # openwebtext: documents held out for validation (evenly spaced)
+    shard_docs: int = 8192  # openwebtext: documents per resumable shard
 
 
 @dataclass
@@ -200,11 +210,41 @@ def check_train_job(job: TrainJob) -> TrainJob:
     return job
 
 
+@dataclass
+class PrepareJob:
+    """Everything `nanogpt-prepare` needs: the dataset to tokenize and where to write it."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+FIXED_TOKENIZERS = {"shakespeare_char": "char", "shakespeare": "gpt2", "openwebtext": "gpt2"}
+
+
+def check_prepare_job(job: PrepareJob) -> PrepareJob:
+    d = job.data
+    if d.tokenizer not in ("gpt2", "char"):
+        raise ConfigError(f"data.tokenizer={d.tokenizer!r} must be gpt2 or char")
+    fixed = FIXED_TOKENIZERS.get(d.name)
+    if fixed and d.tokenizer != fixed:
+        raise ConfigError(f"data={d.name} always uses tokenizer {fixed}; for another use data=text")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+    for key in ("val_docs", "shard_docs"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"data.{key}={getattr(d, key)} must be positive")
+    if d.num_proc < 0:
+        raise ConfigError(f"data.num_proc={d.num_proc} must be >= 0 (0: all cores)")
+    if not d.data_dir:
+        raise ConfigError("data.data_dir must be set")
+    return job
+
+
 # ---- registration and conversion ---------------------------------------------------------------
 
 SCHEMAS: dict[str, tuple[type, Any]] = {
     "train_schema": (TrainJob, check_train_job),
     "export_schema": (ExportJob, check_export_job),
+    "prepare_schema": (PrepareJob, check_prepare_job),
 }
 
 
