@@ -27,10 +27,16 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 
+# Offline machines: point NANOGPT_DATA_MIRROR at local copies of the downloads (README, "Offline
+# and air-gapped use"); a ../shared/data folder beside the checkout is used when present.
+export NANOGPT_DATA_MIRROR ?= $(abspath $(wildcard ../shared/data))
+DEMO_OUT ?= out-shakespeare-char-cpu
+
 demo: $(STAMP)
-	$(PY) -c "import torch; from nanogpt import GPT, GPTConfig; \
-	m = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)); \
-	print(m.generate(torch.zeros(1, 1, dtype=torch.long), 16, temperature=0).tolist())"
+	$(VENV)/bin/nanogpt-prepare data=shakespeare_char
+	$(VENV)/bin/nanogpt-train --config-name=train_shakespeare_char_cpu out_dir=$(DEMO_OUT) "logger=[console,csv]"
+	$(VENV)/bin/nanogpt-sample out_dir=$(DEMO_OUT) num_samples=1 max_new_tokens=500 start="ROMEO:"
+	$(VENV)/bin/nanogpt-plot $(DEMO_OUT) -o $(DEMO_OUT)/loss.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

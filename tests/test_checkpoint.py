@@ -3,8 +3,17 @@ import os
 import pytest
 import torch
 
-from nanogpt.checkpoint import (BEST, LATEST, clean_state_dict, find_checkpoint, load_checkpoint, load_model,
-                                model_payload, save_checkpoint, unwrap)
+from nanogpt.checkpoint import (
+    BEST,
+    LATEST,
+    clean_state_dict,
+    find_checkpoint,
+    load_checkpoint,
+    load_model,
+    model_payload,
+    save_checkpoint,
+    unwrap,
+)
 from nanogpt.errors import CheckpointError
 
 

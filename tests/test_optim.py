@@ -13,7 +13,7 @@ def test_schedule_warmup_cosine_floor():
     assert lr_at(60, cfg) == pytest.approx(0.55)  # half way down the cosine
     assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(10_000, cfg) == pytest.approx(0.1)
     values = [lr_at(i, cfg) for i in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
 
 
 def test_constant_lr_after_warmup():

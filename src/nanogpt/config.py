@@ -38,7 +38,7 @@ class DataConfig:
     batch_size: int = 12  # sequences per micro-step (per rank)
     sampler: str = "random"  # random (with replacement, nanoGPT's) or epoch (permutation, no replacement)
     # -- used by nanogpt-prepare only --
-    tokenizer: str = "gpt2"  # gpt2 (tiktoken BPE) or char; only data=text may choose
+    tokenizer: str = ""  # "" (the dataset's own), gpt2 (tiktoken BPE) or char; only data=text may choose
     input: Any = ""  # data=text: a file, folder or glob, or a list of them ([a.txt,docs/])
     val_fraction: float = 0.1  # text / shakespeare: the last fraction of characters is validation
     num_proc: int = 0  # tokenizer threads / worker processes; 0: all cores
@@ -69,8 +69,8 @@ class TrainConfig:
     eval_iters: int = 200  # validation batches per evaluation (a fixed set of windows)
     log_interval: int = 1
     grad_accum_steps: int = 1  # micro-steps per optimizer step, over all ranks together
-    always_save_checkpoint: bool = True  # also save when val loss did not improve
-    eval_only: bool = False
+    eval_only: bool = False  # evaluate the initial weights once and stop
+    max_bad_steps: int = 10  # consecutive non-finite steps (skipped) before the run stops
 
 
 @dataclass
@@ -133,6 +133,36 @@ class TrainJob:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class SampleJob:
+    """Everything `nanogpt-sample` needs."""
+
+    out_dir: str = "out"  # where the checkpoint is, with init_from=resume
+    init_from: str = "resume"  # resume | a checkpoint file | a GPT-2 name | an HF folder
+    start: str = "\n"  # the prompt, or FILE:path to read it from a file
+    num_samples: int = 3
+    max_new_tokens: int = 500
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int | None = 200
+    top_p: float | None = None
+    stop_at_eot: bool = True  # stop a sample at <|endoftext|>
+    seed: int = 1337
+    system: SystemConfig = field(default_factory=SystemConfig)
+
+
+def check_sample_job(job: SampleJob) -> SampleJob:
+    check_system(job.system)
+    if job.num_samples < 1 or job.max_new_tokens < 1:
+        raise ConfigError("num_samples and max_new_tokens must be positive")
+    if job.temperature < 0:
+        raise ConfigError(f"temperature={job.temperature} must be >= 0 (0 is greedy)")
+    if job.top_k is not None and job.top_k < 1:
+        raise ConfigError(f"top_k={job.top_k} must be >= 1 (or null)")
+    if job.top_p is not None and not 0.0 < job.top_p <= 1.0:
+        raise ConfigError(f"top_p={job.top_p} must be in (0, 1] (or null)")
+    return job
 
 
 @dataclass
@@ -222,10 +252,10 @@ FIXED_TOKENIZERS = {"shakespeare_char": "char", "shakespeare": "gpt2", "openwebt
 
 def check_prepare_job(job: PrepareJob) -> PrepareJob:
     d = job.data
-    if d.tokenizer not in ("gpt2", "char"):
+    if d.tokenizer not in ("", "gpt2", "char"):
         raise ConfigError(f"data.tokenizer={d.tokenizer!r} must be gpt2 or char")
     fixed = FIXED_TOKENIZERS.get(d.name)
-    if fixed and d.tokenizer != fixed:
+    if fixed and d.tokenizer not in ("", fixed):
         raise ConfigError(f"data={d.name} always uses tokenizer {fixed}; for another use data=text")
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
@@ -239,12 +269,137 @@ def check_prepare_job(job: PrepareJob) -> PrepareJob:
     return job
 
 
+@dataclass
+class BenchGenerateConfig:
+    """nanogpt-bench mode=generate: greedy decoding of random prompts."""
+
+    prompt_tokens: int = 16
+    new_tokens: int = 128
+    cache: list[bool] = field(default_factory=lambda: [True, False])  # with and without the KV cache
+    repeats: int = 1  # timed generate calls per configuration (the median is reported)
+
+
+@dataclass
+class BenchDataConfig:
+    """nanogpt-bench mode=data: nanogpt.data.benchmark's prepare and loader throughput."""
+
+    prepare_mb: float = 4.0  # synthetic corpus to tokenize; 0 skips the prepare benchmark
+    dataset: str = "text"  # text | openwebtext (the prepare module used)
+    tokenizer: str = "gpt2"  # gpt2 | char
+    num_proc: int = 0  # 0: all cores
+    loader_tokens: int = 1 << 24  # random tokens in the loader's memory-mapped file
+    loader_iters: int = 200
+    samplers: list[str] = field(default_factory=lambda: ["random", "epoch"])
+
+
+@dataclass
+class BenchJob:
+    """Everything `nanogpt-bench` needs. List-valued keys sweep: one record per combination."""
+
+    mode: str = "train"  # train | generate | data | profile
+    train_config: str = "train_shakespeare_char_cpu"  # the training preset whose real step is timed
+    model: GPTConfig | None = None  # model=gpt2, tiny, ...; null: the preset's model
+    block_size: int | None = None  # null: the model's
+    data_dir: str | None = None  # prepared data to read; null: random tokens in a temporary folder
+    device: str = "auto"
+    batch_sizes: list[int] = field(default_factory=list)  # empty: the preset's data.batch_size
+    dtypes: list[str] = field(default_factory=list)  # empty: the preset's system.dtype
+    compile: list[bool] = field(default_factory=list)  # empty: the preset's system.compile
+    grad_accum_steps: int = 1  # micro-steps per timed step
+    warmup_steps: int = 3  # untimed steps first (the first one holds compilation)
+    steps: int = 10  # timed steps (the median is reported)
+    profile_steps: int = 3  # mode=profile: steps recorded in the trace
+    threads: int = 0  # torch.set_num_threads; 0: torch's default
+    peak_flops: float | None = None  # the device's peak FLOP/s for MFU; null: table or CPU probe
+    train_overrides: list[str] = field(default_factory=list)  # extra overrides for the preset
+    generate: BenchGenerateConfig = field(default_factory=BenchGenerateConfig)
+    data: BenchDataConfig = field(default_factory=BenchDataConfig)
+    out: str = "bench"  # folder for <name>.json, <name>.md, <name>.png and profile traces
+    name: str = ""  # file name stem; empty: <mode>-<date>-<time>
+    chart: bool = True  # a PNG of a sweep (needs matplotlib)
+    compare: list[str] = field(default_factory=list)  # [a.json, b.json]: print ratios, run nothing
+
+
+BENCH_MODES = ("train", "generate", "data", "profile")
+
+
+def check_bench_job(job: BenchJob) -> BenchJob:
+    if job.compare:
+        if len(job.compare) != 2:
+            raise ConfigError(f"compare needs two JSON files, got {len(job.compare)}")
+        return job
+    if job.mode not in BENCH_MODES:
+        raise ConfigError(f"mode={job.mode!r} is not one of {', '.join(BENCH_MODES)}")
+    check_system(SystemConfig(device=job.device))
+    for dtype in job.dtypes:
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtypes: {dtype!r} is not one of {', '.join(DTYPES)}")
+    if job.model is not None:
+        check_model(job.model)
+    g = job.generate
+    positive = {"batch_sizes": min(job.batch_sizes, default=1), "block_size": job.block_size or 1,
+                "warmup_steps": job.warmup_steps, "steps": job.steps, "profile_steps": job.profile_steps,
+                "grad_accum_steps": job.grad_accum_steps, "generate.prompt_tokens": g.prompt_tokens,
+                "generate.new_tokens": g.new_tokens, "generate.repeats": g.repeats}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if job.threads < 0 or job.data.prepare_mb < 0:
+        raise ConfigError("threads and data.prepare_mb must be >= 0")
+    if not set(job.data.samplers) <= {"random", "epoch"}:
+        raise ConfigError(f"data.samplers={job.data.samplers} may hold only random and epoch")
+    return job
+
+
+EVAL_TASKS = ("loss", "text", "wikitext", "hellaswag", "sample")
+EVAL_PROMPTS = ("Hello, I'm a language model,", "ROMEO:")
+
+
+@dataclass
+class EvalJob:
+    """Everything `nanogpt-eval` needs: models to compare and the tasks to run on each."""
+
+    models: list[str] = field(default_factory=list)  # out_dirs, checkpoint files, gpt2 ... gpt2-xl, HF dirs
+    tasks: list[str] = field(default_factory=lambda: ["loss"])  # loss, text, wikitext, hellaswag, sample
+    data_dir: str | None = None  # loss: prepared data; null: the one an out_dir was trained on
+    split: str = "val"  # loss: the split scored
+    text_files: list[str] = field(default_factory=list)  # text: raw text files, e.g. [wiki.test.raw]
+    stride: int | None = None  # loss/text/wikitext: window stride; null: block_size (no overlap)
+    batch_size: int = 8  # windows, or HellaSwag examples (x4 endings), per forward pass
+    hellaswag_limit: int | None = None  # the first N examples; null: all 10,042
+    cache_dir: str = "data"  # downloads: <cache_dir>/hellaswag/, <cache_dir>/wikitext-2/
+    prompts: list[str] = field(default_factory=lambda: list(EVAL_PROMPTS))  # sample
+    max_new_tokens: int = 64  # sample
+    seed: int = 1337  # sample
+    out: str | None = None  # report path prefix (<out>.json, <out>.md); null: next to a single checkpoint
+    system: SystemConfig = field(default_factory=SystemConfig)
+
+
+def check_eval_job(job: EvalJob) -> EvalJob:
+    check_system(job.system)
+    if not job.models:
+        raise ConfigError("models is empty: name what to evaluate, e.g. models=[out-shakespeare-char-cpu]")
+    unknown = [t for t in job.tasks if t not in EVAL_TASKS]
+    if unknown or not job.tasks:
+        raise ConfigError(f"tasks={job.tasks}: choose from {', '.join(EVAL_TASKS)}")
+    if "text" in job.tasks and not job.text_files:
+        raise ConfigError("the text task needs text_files=[file,...]")
+    for key in ("batch_size", "stride", "hellaswag_limit", "max_new_tokens"):
+        value = getattr(job, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}={value} must be positive (or null where allowed)")
+    return job
+
+
 # ---- registration and conversion ---------------------------------------------------------------
 
 SCHEMAS: dict[str, tuple[type, Any]] = {
     "train_schema": (TrainJob, check_train_job),
+    "sample_schema": (SampleJob, check_sample_job),
     "export_schema": (ExportJob, check_export_job),
     "prepare_schema": (PrepareJob, check_prepare_job),
+    "bench_schema": (BenchJob, check_bench_job),
+    "eval_schema": (EvalJob, check_eval_job),
 }
 
 
