@@ -189,3 +189,20 @@ def test_two_nodes_on_localhost_train_and_resume(token_data, tmp_path):
     two_nodes(**{"train.max_iters": 12, "train.grad_accum_steps": 2, "init_from": "resume"})
     payload = load_checkpoint(tmp_path, prefer=LATEST)
     assert payload["iter_num"] == 12 and len(payload["rng"]) == 2
+
+
+def test_finetune_preset_from_a_local_hf_model(compose_cfg, token_data, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64))
+    hf.save_pretrained(tmp_path / "hf")
+    overrides = [f"init_from={tmp_path / 'hf'}", "model.block_size=32", f"data.data_dir={token_data}",
+                 f"out_dir={tmp_path / 'out'}", "data.batch_size=2", "train.grad_accum_steps=2",
+                 "train.max_iters=3", "train.eval_interval=3", "train.eval_iters=1", "system.device=cpu"]
+    trainer = Trainer(to_dataclass(compose_cfg("finetune_shakespeare", overrides)))
+    cfg = trainer.model.config
+    assert (cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.block_size) == (2, 32, 50257, 32)  # cropped from 64
+    assert torch.equal(trainer.model.transformer.h[1].mlp.c_fc.weight, hf.transformer.h[1].mlp.c_fc.weight.T)
+    summary = trainer.train()
+    assert summary["iterations"] == 3 and math.isfinite(summary["val_loss"])
+    assert load_checkpoint(tmp_path / "out", prefer=LATEST)["model_config"]["n_embd"] == 32
