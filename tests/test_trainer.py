@@ -50,9 +50,17 @@ def test_loss_decreases_and_outputs_are_written(compose_cfg, token_data, tmp_pat
     assert summary["val_loss"] < math.log(64) - 1.0  # well below the uniform guess
     assert summary["best_val_loss"] <= summary["val_loss"]
     on_disk = json.loads((tmp_path / "summary.json").read_text())
-    for key in ("iterations", "train_loss", "val_loss", "best_val_loss", "ms_per_iter", "tokens_per_sec",
-                "mfu", "wall_seconds"):
+    for key in ("iterations", "train_loss", "val_loss", "val_loss_exact", "best_val_loss", "ms_per_iter",
+                "tokens_per_sec", "mfu", "wall_seconds"):
         assert on_disk[key] is not None, key
+    # the exact loss covers every val token; it agrees with nanogpt.evaluate on the saved weights
+    from nanogpt.checkpoint import load_model
+    from nanogpt.data.loader import open_split
+    from nanogpt.evaluate import split_loss
+
+    again = split_loss(load_model(tmp_path, prefer=LATEST), open_split(token_data, "val"), batch_size=4)
+    assert again["loss"] == pytest.approx(summary["val_loss_exact"], abs=1e-6)
+    assert again["tokens"] == 4000 - 1
     payload = load_checkpoint(tmp_path, prefer=LATEST)
     assert payload["iter_num"] == 40 and payload["config"]["train"]["max_iters"] == 40
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in payload["model"])

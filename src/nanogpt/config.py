@@ -71,6 +71,7 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-steps per optimizer step, over all ranks together
     eval_only: bool = False  # evaluate the initial weights once and stop
     max_bad_steps: int = 10  # consecutive non-finite steps (skipped) before the run stops
+    final_eval: bool = True  # at the end, the exact loss over every val token (summary: val_loss_exact)
 
 
 @dataclass

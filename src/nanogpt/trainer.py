@@ -209,6 +209,16 @@ class Trainer:
         self.model.train()
         return (total[0] / total[1]).item()
 
+    def exact_val_loss(self) -> float:
+        """Loss over every token of the val split (what `nanogpt-eval tasks=[loss]` reports)."""
+        from nanogpt.evaluate import split_loss
+
+        result = split_loss(self.model, open_split(self.job.data.data_dir, "val"),
+                            batch_size=self.job.data.batch_size, device=self.device, dtype=self.dtype,
+                            rank=self.info.rank, world_size=self.info.world_size)
+        log.info("exact val loss over %s tokens: %.4f", f"{result['tokens']:,}", result["loss"])
+        return result["loss"]
+
     def _evaluate_and_checkpoint(self) -> None:
         val = self.evaluate()
         self.last_val_loss = val
@@ -252,7 +262,8 @@ class Trainer:
                     log.warning("stopped at iter %d by %s; continue with init_from=resume",
                                 self.iter_num, stop.requested)
                     break
-        summary = self._summary(train_loss, intervals, time.time() - wall0)
+        exact = self.exact_val_loss() if t.final_eval and not stop.requested else None
+        summary = self._summary(train_loss, intervals, time.time() - wall0, exact)
         self.logger.log_summary(summary)
         self.logger.close()
         return summary
@@ -284,14 +295,15 @@ class Trainer:
         fpt = self.model.flops_per_token()
         return mfu(fpt, tokens_per_sec, peak * self.info.world_size if peak else None)
 
-    def _summary(self, train_loss: float | None, intervals: list[float], wall: float) -> dict[str, Any]:
+    def _summary(self, train_loss: float | None, intervals: list[float], wall: float,
+                 val_loss_exact: float | None) -> dict[str, Any]:
         # the first interval holds warm-up (and compilation): leave it out when there are others
         steady = intervals[1:] if len(intervals) > 1 else intervals
         ms = statistics.median(steady) if steady else None
         tps = self.tokens_per_step / (ms / 1000) if ms else None
         summary = {
             "iterations": self.iter_num, "train_loss": train_loss, "val_loss": self.last_val_loss,
-            "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
+            "val_loss_exact": val_loss_exact, "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
             "ms_per_iter": ms, "tokens_per_sec": tps, "mfu": self._mfu(tps) if tps else None,
             "tokens_seen": self.tokens_seen, "wall_seconds": wall, "world_size": self.info.world_size,
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
