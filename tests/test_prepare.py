@@ -40,7 +40,7 @@ def test_every_data_yaml_composes_for_prepare(compose_cfg, name):
 
 def test_prepare_defaults(compose_cfg):
     d = job(compose_cfg).data
-    assert (d.name, d.tokenizer, d.val_fraction, d.num_proc) == ("shakespeare_char", "char", 0.1, 0)
+    assert (d.name, d.tokenizer, d.val_fraction, d.num_proc) == ("shakespeare_char", "", 0.1, 0)
     assert job(compose_cfg, "data=openwebtext").data.hf_dataset == "Skylion007/openwebtext"
 
 
@@ -117,6 +117,7 @@ def corpus(tmp_path):
     (folder / "a.txt").write_text("First document. It has words in it.\n" * 30)
     (folder / "sub" / "b.md").write_text("Second file, in a sub folder!\n" * 30)
     (folder / ".hidden").write_text("never read")
+    (folder / "empty.txt").write_text("")  # no tokens, and no extra separator
     return folder
 
 

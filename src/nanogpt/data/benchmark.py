@@ -16,7 +16,6 @@ import resource
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -53,10 +52,11 @@ def peak_rss_mb() -> float:
 
 
 def _child(kind: str, cfg: dict, queue) -> None:
+    from nanogpt.config import DataConfig
     from nanogpt.data.prepare import prepare
 
     t0 = time.perf_counter()
-    meta = prepare(SimpleNamespace(**cfg))
+    meta = prepare(DataConfig(**cfg))
     seconds = time.perf_counter() - t0
     queue.put({"kind": kind, "seconds": seconds, "tokens": sum(s["tokens"] for s in meta["splits"].values()),
                "peak_rss_mb": peak_rss_mb(),
@@ -94,9 +94,8 @@ def bench_prepare(mb: float = 16, dataset: str = "text", tokenizer: str = "gpt2"
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
         src.mkdir()
-        cfg = {"name": dataset, "data_dir": str(Path(tmp) / "out"), "tokenizer": tokenizer, "input": "",
-               "val_fraction": 0.1, "num_proc": num_proc, "hf_split": "train", "text_field": "text",
-               "val_docs": 1, "shard_docs": shard_docs, **make_source(src, mb, dataset)}
+        cfg = {"name": dataset, "data_dir": str(Path(tmp) / "out"), "tokenizer": tokenizer,
+               "num_proc": num_proc, "shard_docs": shard_docs, **make_source(src, mb, dataset)}
         r = run_prepare(cfg)
     r.update(corpus_mb=mb, tokenizer=tokenizer, num_proc=num_proc or os.cpu_count(),
              tokens_per_s=r["tokens"] / r["seconds"], mb_per_s=mb / r["seconds"])

@@ -88,10 +88,10 @@ def to_batch(tokens: np.ndarray, starts: np.ndarray, block_size: int, device: De
     """x = tokens[s : s+T], y = tokens[s+1 : s+1+T] for each start s, as int64 (B, T) on device."""
     idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(block_size + 1)
     buf = torch.from_numpy(tokens[idx].astype(np.int64))  # (B, T+1), one gather from the memmap
-    x, y = buf[:, :-1], buf[:, 1:]
+    x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
     if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap compute
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.contiguous().to(device), y.contiguous().to(device)
+    return x.to(device), y.to(device)
 
 
 class TrainBatches:

@@ -29,6 +29,7 @@ from nanogpt.data.tokenizer import GPT2Tokenizer
 log = logging.getLogger(__name__)
 
 PROGRESS = ".progress.json"
+ITEMSIZE = 2  # bytes per token: uint16 holds GPT-2's 50,257 ids
 DOCS_PER_TASK = 64  # documents per worker task
 _WORKER: dict = {}  # per-process state set by _init_worker: documents, field, val ids, tokenizer
 
@@ -82,7 +83,7 @@ def load_progress(data_dir: Path, fingerprint: dict, train_tmp: Path) -> dict:
     if not path.exists():
         return fresh
     state = json.loads(path.read_text())
-    size_ok = train_tmp.exists() and train_tmp.stat().st_size >= 2 * state["train_tokens"]
+    size_ok = train_tmp.exists() and train_tmp.stat().st_size >= ITEMSIZE * state["train_tokens"]
     if state.get("fingerprint") != fingerprint or not size_ok:
         log.warning("ignoring the partial files of an earlier, different or damaged run; starting over")
         return fresh
@@ -110,7 +111,7 @@ def write_train(run: Callable, state: dict, tasks: Callable[[int], Iterator], n_
                 data_dir: Path) -> None:
     """Append the shards not yet done to the train file, recording each finished one."""
     if path.exists():
-        os.truncate(path, 2 * state["train_tokens"])  # drop the tail of an unfinished shard
+        os.truncate(path, ITEMSIZE * state["train_tokens"])  # drop the tail of an unfinished shard
     out = BinWriter(path, "uint16", append=state["shards_done"] > 0)
     for k in range(state["shards_done"], n_shards):
         for arr in run(tasks(k)):

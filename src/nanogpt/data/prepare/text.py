@@ -4,8 +4,8 @@ The corpus is the input files in sorted order, with GPT-2's end-of-text token be
 last `val_fraction` of its characters is validation (nanoGPT's split for Shakespeare). Two passes,
 neither holding the corpus in memory: one counts characters (and collects the char vocabulary),
 the other tokenizes pieces cut where GPT-2's pre-tokenizer would cut anyway, so the tokens equal
-those of encoding each split whole. Line endings become \n (as Python's `open` reads them). Input
-that is not UTF-8 is decoded with U+FFFD replacement characters, with a warning naming the file.
+those of encoding each split whole. Line endings are normalised to "\\n" as Python's `open` does.
+Input that is not UTF-8 is decoded with U+FFFD replacement characters, with a warning naming the file.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _hidden(rel: Path) -> bool:
 
 
 def read_text(path: Path, errors: str = "replace") -> Iterator[str]:
-    """A file as UTF-8 text, block by block, with line endings normalised to \n (Python's default)."""
+    """A file as UTF-8 text, block by block (universal newlines, Python's default)."""
     with open(path, encoding="utf-8", errors=errors) as f:
         while block := f.read(BLOCK_CHARS):
             yield block
@@ -141,6 +141,7 @@ def prepare_text(files: list[Path], tokenizer: str, data_dir: str | Path, val_fr
     total = sum(counts)
     if total == 0:
         raise DataError(f"the input is empty ({len(files)} file(s), 0 characters); check data.input")
+    files = [f for f, n in zip(files, counts, strict=True) if n]  # no separator around empty files
     tok = get_tokenizer(tokenizer, chars if tokenizer == "char" else None)
     cut = safe_cut if tokenizer == "gpt2" else len
     split_at = int(total * (1 - val_fraction))
@@ -156,4 +157,5 @@ def prepare(cfg) -> dict:
     """`nanogpt-prepare data=text data.input=...`: the user's own corpus."""
     files = resolve_inputs(cfg.input)
     spec = cfg.input if isinstance(cfg.input, str) else ",".join(map(str, cfg.input))
-    return prepare_text(files, cfg.tokenizer, cfg.data_dir, cfg.val_fraction, f"text:{spec}", cfg.num_proc)
+    tokenizer = cfg.tokenizer or "gpt2"
+    return prepare_text(files, tokenizer, cfg.data_dir, cfg.val_fraction, f"text:{spec}", cfg.num_proc)
