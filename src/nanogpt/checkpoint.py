@@ -98,7 +98,9 @@ def load_checkpoint(path: str | Path, prefer: str = BEST) -> dict[str, Any]:
     """Load a checkpoint to CPU (no GPU memory spike on resume), refusing anything but data."""
     path = find_checkpoint(path, prefer)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are paged in as they are used, so exporting or sampling from a large training
+        # checkpoint does not read its optimizer state into memory
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refused to load {path}: it contains pickled code or objects, not plain tensors "
