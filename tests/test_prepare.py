@@ -241,6 +241,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+@pytest.mark.slow  # two fresh processes
 def test_cli_text_and_one_line_errors(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "x.txt").write_text("To be, or not to be, that is the question.\n" * 50)

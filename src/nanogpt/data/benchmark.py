@@ -105,6 +105,8 @@ def bench_prepare(mb: float = 16, dataset: str = "text", tokenizer: str = "gpt2"
 def bench_loader(tokens: int = 1 << 24, batch_size: int = 12, block_size: int = 1024, sampler: str = "random",
                  iters: int = 200, device: str = "cpu") -> dict:
     """Batches/s of TrainBatches over a memory-mapped bin of `tokens` random GPT-2 ids."""
+    import torch
+
     from nanogpt.data.loader import TrainBatches
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +118,9 @@ def bench_loader(tokens: int = 1 << 24, batch_size: int = 12, block_size: int = 
             batches.next()
         t0 = time.perf_counter()
         for _ in range(iters):
-            batches.next()
+            x, y = batches.next()
+        if x.is_cuda:  # the copies are non-blocking: wait for the last one
+            torch.cuda.synchronize(x.device)
         seconds = time.perf_counter() - t0
         del data
     return {"sampler": sampler, "batch_size": batch_size, "block_size": block_size, "device": device,
