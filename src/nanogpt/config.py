@@ -314,6 +314,7 @@ class BenchJob:
     peak_flops: float | None = None  # the device's peak FLOP/s for MFU; null: table or CPU probe
     train_overrides: list[str] = field(default_factory=list)  # extra overrides for the preset
     generate: BenchGenerateConfig = field(default_factory=BenchGenerateConfig)
+    compile_cache: bool = False  # false: compile from scratch (a first run's cost); true: reuse inductor's disk cache
     data: BenchDataConfig = field(default_factory=BenchDataConfig)
     out: str = "bench"  # folder for <name>.json, <name>.md, <name>.png and profile traces
     name: str = ""  # file name stem; empty: <mode>-<date>-<time>
