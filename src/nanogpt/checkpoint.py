@@ -90,6 +90,9 @@ def find_checkpoint(path: str | Path, prefer: str = BEST) -> Path:
         for name in (prefer, LATEST if prefer == BEST else BEST):
             if (path / name).is_file():
                 return path / name
+        if list(path.glob("*.dcp")):  # an FSDP run's sharded checkpoints (nanogpt.fsdp), one folder each
+            raise CheckpointError(f"{path} holds sharded (FSDP) checkpoints only; convert them to {LATEST}/{BEST} "
+                                  f"with: python -m nanogpt.fsdp convert {path}")
         raise CheckpointError(f"no checkpoint ({BEST} or {LATEST}) in {path}; train first with nanogpt-train")
     raise CheckpointError(f"checkpoint {path} does not exist")
 
@@ -114,13 +117,18 @@ def load_checkpoint(path: str | Path, prefer: str = BEST) -> dict[str, Any]:
     return payload
 
 
-def model_from_payload(payload: dict[str, Any], **overrides: Any) -> GPT:
-    """Build the GPT described by a checkpoint and load its weights (strictly)."""
+def config_from_payload(payload: dict[str, Any], **overrides: Any) -> GPTConfig:
+    """The GPTConfig a checkpoint was saved with, `overrides` (e.g. dropout) applied."""
     known = {f.name for f in fields(GPTConfig)}
     cfg = GPTConfig(**{k: v for k, v in payload["model_config"].items() if k in known})
     for key, value in overrides.items():
         setattr(cfg, key, value)
-    model = GPT(cfg)
+    return cfg
+
+
+def model_from_payload(payload: dict[str, Any], **overrides: Any) -> GPT:
+    """Build the GPT described by a checkpoint and load its weights (strictly)."""
+    model = GPT(config_from_payload(payload, **overrides))
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as e:

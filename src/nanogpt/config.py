@@ -21,6 +21,7 @@ CONFIG_DIR = str(Path(__file__).with_name("config"))  # YAML shipped inside the 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 @dataclass
@@ -29,6 +30,9 @@ class SystemConfig:
     dtype: str = "auto"  # auto (bf16 where supported, else fp16; fp32 on CPU), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model
     seed: int = 1337
+    strategy: str = "auto"  # auto (= ddp): every rank holds the whole model; fsdp: ranks shard it (FSDP2)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
+    cpu_offload: bool = False  # fsdp only: keep parameter, gradient and AdamW shards in CPU memory
 
 
 @dataclass
@@ -195,6 +199,10 @@ def check_system(s: SystemConfig) -> None:
         raise ConfigError(f"system.device={s.device!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
     if s.dtype not in DTYPES:
         raise ConfigError(f"system.dtype={s.dtype!r} is not one of {', '.join(DTYPES)}")
+    if s.strategy not in STRATEGIES:
+        raise ConfigError(f"system.strategy={s.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if s.cpu_offload and s.strategy != "fsdp":
+        raise ConfigError("system.cpu_offload=true needs system.strategy=fsdp (only FSDP can offload its shards)")
 
 
 def check_model(m: GPTConfig) -> None:

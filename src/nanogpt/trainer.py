@@ -1,7 +1,8 @@
 """The training loop as a short class. It knows nothing of Hydra or argv: it takes a TrainJob.
 
 out_dir holds ckpt.pt (latest, for resume: written at every evaluation and on preemption),
-best.pt (lowest val loss so far) and summary.json (written at the end).
+best.pt (lowest val loss so far) and summary.json (written at the end). Under
+system.strategy=fsdp the checkpoints are sharded folders, ckpt.dcp/ and best.dcp/ (nanogpt.fsdp).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanogpt import distributed as D
+from nanogpt import fsdp
 from nanogpt.checkpoint import BEST, LATEST, load_checkpoint, model_from_payload, model_payload, save_checkpoint
 from nanogpt.config import TrainJob, to_dict
 from nanogpt.data.loader import TrainBatches, check_vocab, open_split, read_meta, val_batches
@@ -42,6 +44,7 @@ class Trainer:
         self.device = self.info.device
         self.dtype = resolve_dtype(job.system.dtype, self.device)
         self.out_dir = Path(job.out_dir)
+        self.sharded = job.system.strategy == "fsdp"
         self.micro_steps = self._micro_steps()
         self.iter_num, self.best_val_loss, self.tokens_seen, self.bad_steps = 0, math.inf, 0, 0
         self.last_val_loss: float | None = None
@@ -50,12 +53,12 @@ class Trainer:
         self.meta = read_meta(job.data.data_dir)
         check_vocab(self.meta, self.model.config.vocab_size)
         self._init_data()
+        self.train_model = self._wrap(self.model)  # first: FSDP replaces the parameters with shards
         self.optimizer = build_optimizer(self.model, job.optim, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         torch.manual_seed(job.system.seed + self.info.rank)  # dropout differs per rank
         if payload is not None:
             self.load_state_dict(payload)
-        self.train_model = self._wrap(self.model)
         self.tokens_per_step = job.data.batch_size * self.model.config.block_size * job.train.grad_accum_steps
         self.logger = NullLogger()
 
@@ -74,6 +77,8 @@ class Trainer:
         payload = None
         if init == "scratch":
             self.model = GPT(cfg)
+        elif init == "resume" and self.sharded:  # its weights are loaded once it is sharded
+            payload, self.model = fsdp.resume_model(self.out_dir, dropout=cfg.dropout)
         elif init == "resume":
             payload = load_checkpoint(self.out_dir, prefer=LATEST)
             self.model = model_from_payload(payload, dropout=cfg.dropout)
@@ -82,7 +87,8 @@ class Trainer:
 
             self.model = load_pretrained(init, dropout=cfg.dropout, block_size=cfg.block_size)
         log.info("model: %s parameters (%s)", f"{self.model.num_params():,}", init)
-        self.model.to(self.device)
+        if not self.sharded:  # fully_shard moves only this rank's shards to the device
+            self.model.to(self.device)
         return payload
 
     def _init_data(self) -> None:
@@ -93,16 +99,22 @@ class Trainer:
         )
         self.val_batches = val_batches(
             open_split(d.data_dir, "val"), d.batch_size, T, self.job.train.eval_iters,
-            rank=self.info.rank, world_size=self.info.world_size, device=self.device,
+            **self._eval_ranks(), device=self.device,
         )
 
+    def _eval_ranks(self) -> dict[str, int]:
+        """Each rank's share of evaluation; under FSDP forward passes are collectives: all ranks run all."""
+        info = D.DistInfo() if self.sharded else self.info
+        return {"rank": info.rank, "world_size": info.world_size}
+
     def _wrap(self, model: GPT) -> torch.nn.Module:
-        """DDP across ranks, then torch.compile when asked and possible."""
+        """Activation checkpointing and FSDP (in place, nanogpt.fsdp) or DDP, then torch.compile."""
         wrapped: torch.nn.Module = model
-        if self.info.enabled:
+        fsdp.prepare(model, self.job, self.info, self.dtype)
+        if self.info.enabled and not self.sharded:
             ids = [self.device.index] if self.device.type == "cuda" else None
             wrapped = DDP(model, device_ids=ids)
-        self.ddp = wrapped if self.info.enabled else None
+        self.ddp = wrapped if isinstance(wrapped, DDP) else None
         if self.job.system.compile:
             if self.device.type == "mps":
                 log.warning("torch.compile is not used on mps: running eagerly")
@@ -115,20 +127,24 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: weights, optimizer, scaler, RNG of every rank,
         sampler position, counters and the resolved config. Collective under DDP."""
+        return model_payload(self.model, optimizer=self.optimizer.state_dict(), **self.run_state())
+
+    def run_state(self) -> dict[str, Any]:
+        """The state_dict without weights and optimizer (all an FSDP checkpoint adds to its shards)."""
         rngs: list[Any] = [None] * self.info.world_size
         if self.info.enabled:
             torch.distributed.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
-        return model_payload(
-            self.model, config=to_dict(self.job), optimizer=self.optimizer.state_dict(),
-            scaler=self.scaler.state_dict(), rng=rngs, sampler=self.train_batches.state_dict(),
-            iter_num=self.iter_num, best_val_loss=self.best_val_loss, tokens_seen=self.tokens_seen,
-            data_meta=self.meta,
-        )
+        return dict(config=to_dict(self.job), scaler=self.scaler.state_dict(), rng=rngs,
+                    sampler=self.train_batches.state_dict(), iter_num=self.iter_num,
+                    best_val_loss=self.best_val_loss, tokens_seen=self.tokens_seen, data_meta=self.meta)
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.sharded:  # weights and optimizer from the shards, resharded to this world size
+            fsdp.load_sharded(self.model, self.optimizer, payload)
+        else:
+            self.optimizer.load_state_dict(payload["optimizer"])
         if payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
         self.train_batches.load_state_dict(payload["sampler"])
@@ -140,10 +156,13 @@ class Trainer:
         else:
             log.warning("checkpoint has RNG state for %d ranks, running %d: resume is not bit-exact",
                         len(rngs), self.info.world_size)
-        log.info("resumed from %s at iter %d (best val loss %.4f)", self.out_dir / LATEST,
-                 self.iter_num, self.best_val_loss)
+        log.info("resumed from %s at iter %d (best val loss %.4f)",
+                 payload.get("checkpoint_dir", self.out_dir / LATEST), self.iter_num, self.best_val_loss)
 
     def save(self, name: str) -> None:
+        if self.sharded:  # every rank writes its shards
+            fsdp.save_sharded(self.model, self.optimizer, self.run_state(), self.out_dir / name, self.info)
+            return
         payload = self.state_dict()  # every rank takes part (RNG gather)
         if self.info.is_main:
             save_checkpoint(payload, self.out_dir / name)
@@ -168,7 +187,7 @@ class Trainer:
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)
         clip = self.job.optim.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = fsdp.clip_grad_norm(self.model.parameters(), clip)  # global norm, also over shards
         self._apply_step(grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.iter_num += 1
@@ -215,7 +234,7 @@ class Trainer:
 
         result = split_loss(self.model, open_split(self.job.data.data_dir, "val"),
                             batch_size=self.job.data.batch_size, device=self.device, dtype=self.dtype,
-                            rank=self.info.rank, world_size=self.info.world_size)
+                            **self._eval_ranks())
         log.info("exact val loss over %s tokens: %.4f", f"{result['tokens']:,}", result["loss"])
         return result["loss"]
 
@@ -303,11 +322,14 @@ class Trainer:
         tps = self.tokens_per_step / (ms / 1000) if ms else None
         summary = {
             "iterations": self.iter_num, "train_loss": train_loss, "val_loss": self.last_val_loss,
-            "val_loss_exact": val_loss_exact, "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
+            "val_loss_exact": val_loss_exact,
+            "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
             "ms_per_iter": ms, "tokens_per_sec": tps, "mfu": self._mfu(tps) if tps else None,
             "tokens_seen": self.tokens_seen, "wall_seconds": wall, "world_size": self.info.world_size,
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
         }
+        peaks = fsdp.peak_memory_per_rank(self.info)  # GB: CUDA max allocated, else peak RSS
+        summary.update(strategy="fsdp" if self.sharded else "ddp", peak_mem_gb=max(peaks), peak_mem_gb_per_rank=peaks)
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
