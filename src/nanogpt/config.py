@@ -314,6 +314,7 @@ class BenchJob:
     batch_sizes: list[int] = field(default_factory=list)  # empty: the preset's data.batch_size
     dtypes: list[str] = field(default_factory=list)  # empty: the preset's system.dtype
     compile: list[bool] = field(default_factory=list)  # empty: the preset's system.compile
+    compile_cache: bool = False  # false: compile from scratch (a first run's cost); true: reuse inductor's disk cache
     grad_accum_steps: int = 1  # micro-steps per timed step
     warmup_steps: int = 3  # untimed steps first (the first one holds compilation)
     steps: int = 10  # timed steps (the median is reported)
@@ -322,7 +323,6 @@ class BenchJob:
     peak_flops: float | None = None  # the device's peak FLOP/s for MFU; null: table or CPU probe
     train_overrides: list[str] = field(default_factory=list)  # extra overrides for the preset
     generate: BenchGenerateConfig = field(default_factory=BenchGenerateConfig)
-    compile_cache: bool = False  # false: compile from scratch (a first run's cost); true: reuse inductor's disk cache
     data: BenchDataConfig = field(default_factory=BenchDataConfig)
     out: str = "bench"  # folder for <name>.json, <name>.md, <name>.png and profile traces
     name: str = ""  # file name stem; empty: <mode>-<date>-<time>
