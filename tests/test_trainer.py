@@ -14,6 +14,7 @@ from conftest import tiny_train_overrides
 import nanogpt.model
 from nanogpt.checkpoint import BEST, LATEST, load_checkpoint
 from nanogpt.config import to_dataclass
+from nanogpt.errors import ConfigError
 from nanogpt.trainer import Trainer, TrainingError
 
 PRESET = "train_shakespeare_char_cpu"
@@ -214,3 +215,42 @@ def test_finetune_preset_from_a_local_hf_model(compose_cfg, token_data, tmp_path
     summary = trainer.train()
     assert summary["iterations"] == 3 and math.isfinite(summary["val_loss"])
     assert load_checkpoint(tmp_path / "out", prefer=LATEST)["model_config"]["n_embd"] == 32
+
+
+class Recorder:
+    def __init__(self):
+        self.rows = []
+
+    def log(self, step, metrics):
+        self.rows.append((step, metrics))
+
+    def log_summary(self, summary):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_eval_tasks_during_training_reach_the_loggers(compose_cfg, token_data, tmp_path, monkeypatch):
+    import nanogpt.trainer
+
+    rec = Recorder()
+    monkeypatch.setattr(nanogpt.trainer, "build_loggers", lambda *a, **k: rec)
+    job = make_job(compose_cfg, token_data, tmp_path, **{"train.eval_tasks": "[loss]",
+                                                         "train.eval_tasks_interval": 8})
+    Trainer(job).train()
+    steps = [step for step, m in rec.rows if "eval/val_loss" in m]
+    assert steps == [0, 8]
+    with pytest.raises(ConfigError, match="eval_tasks"):
+        make_job(compose_cfg, token_data, tmp_path, **{"train.eval_tasks": "[sample]"})
+    with pytest.raises(ConfigError, match="multiple"):
+        make_job(compose_cfg, token_data, tmp_path, **{"train.eval_tasks": "[loss]", "train.eval_tasks_interval": 6})
+
+
+def test_compile_is_switched_off_with_a_log_line_where_it_cannot_work(tiny_model, monkeypatch, caplog):
+    import nanogpt.runtime
+
+    monkeypatch.setattr(nanogpt.runtime.shutil, "which", lambda name: None)
+    assert nanogpt.runtime.compile_if_possible(tiny_model, torch.device("cpu")) is tiny_model
+    assert "C++ compiler" in caplog.text
+    assert nanogpt.runtime.compile_if_possible(tiny_model, torch.device("mps")) is tiny_model

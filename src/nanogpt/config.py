@@ -76,6 +76,9 @@ class TrainConfig:
     eval_only: bool = False  # evaluate the initial weights once and stop
     max_bad_steps: int = 10  # consecutive non-finite steps (skipped) before the run stops
     final_eval: bool = True  # at the end, the exact loss over every val token (summary: val_loss_exact)
+    eval_tasks: list[str] = field(default_factory=list)  # nanogpt-eval tasks to log, e.g. [hellaswag]
+    eval_tasks_interval: int = 0  # run them every N iterations (a multiple of eval_interval); 0: at the end
+    eval_hellaswag_limit: int | None = 500  # HellaSwag examples per run during training (null: all 10,042)
 
 
 @dataclass
@@ -240,6 +243,12 @@ def check_train_job(job: TrainJob) -> TrainJob:
     for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "grad_accum_steps"):
         if getattr(t, key) < (0 if key == "max_iters" else 1):
             raise ConfigError(f"train.{key}={getattr(t, key)} must be positive")
+    bad = [x for x in t.eval_tasks if x not in EVAL_TASKS or x in ("sample", "text")]
+    if bad:
+        raise ConfigError(f"train.eval_tasks={bad}: choose from loss, wikitext, hellaswag")
+    if t.eval_tasks_interval and t.eval_tasks_interval % t.eval_interval:
+        raise ConfigError(f"train.eval_tasks_interval={t.eval_tasks_interval} must be a multiple of "
+                          f"train.eval_interval={t.eval_interval}")
     if job.data.batch_size < 1:
         raise ConfigError(f"data.batch_size={job.data.batch_size} must be positive")
     if job.data.sampler not in ("random", "epoch"):

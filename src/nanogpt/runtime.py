@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import shutil
 import signal
 from typing import Any
 
@@ -28,6 +29,21 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def compile_if_possible(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """torch.compile the module, or say in one log line why it runs eagerly instead."""
+    reason = None
+    if device.type == "mps":
+        reason = "torch.compile does not support mps"
+    elif not torch._dynamo.is_dynamo_supported():
+        reason = "torch.compile does not support this Python/platform"
+    elif device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++", "cl")):
+        reason = "inductor needs a C++ compiler on CPU and none is on PATH"
+    if reason:
+        log.warning("system.compile=true ignored: %s; running eagerly", reason)
+        return module
+    return torch.compile(module)  # type: ignore[return-value]
 
 
 def seed_everything(seed: int) -> None:

@@ -29,7 +29,15 @@ from nanogpt.loggers import NullLogger, build_loggers
 from nanogpt.mfu import device_peak_flops, mfu
 from nanogpt.model import GPT
 from nanogpt.optim import build_optimizer, lr_at
-from nanogpt.runtime import StopSignal, autocast, resolve_dtype, rng_state, seed_everything, set_rng_state
+from nanogpt.runtime import (
+    StopSignal,
+    autocast,
+    compile_if_possible,
+    resolve_dtype,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +123,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             wrapped = DDP(model, device_ids=ids)
         self.ddp = wrapped if isinstance(wrapped, DDP) else None
-        if self.job.system.compile:
-            if self.device.type == "mps":
-                log.warning("torch.compile is not used on mps: running eagerly")
-            else:
-                wrapped = torch.compile(wrapped)
-        return wrapped
+        return compile_if_possible(wrapped, self.device) if self.job.system.compile else wrapped
 
     # ---- state ----------------------------------------------------------------------------
 
@@ -238,6 +241,18 @@ class Trainer:
         log.info("exact val loss over %s tokens: %.4f", f"{result['tokens']:,}", result["loss"])
         return result["loss"]
 
+    def run_eval_tasks(self) -> None:
+        """The nanogpt-eval tasks chosen by train.eval_tasks (e.g. hellaswag), sent to the loggers."""
+        from nanogpt.data.tokenizer import tokenizer_from_meta
+        from nanogpt.evaluate import run_tasks
+
+        t = self.job.train
+        metrics = run_tasks(self.model, tokenizer_from_meta(self.meta), list(t.eval_tasks),
+                            data_dir=self.job.data.data_dir, hellaswag_limit=t.eval_hellaswag_limit,
+                            batch_size=self.job.data.batch_size, device=self.device, dtype=self.dtype,
+                            **self._eval_ranks())
+        self.logger.log(self.iter_num, metrics)
+
     def _evaluate_and_checkpoint(self) -> None:
         val = self.evaluate()
         self.last_val_loss = val
@@ -270,6 +285,8 @@ class Trainer:
                 due = self.iter_num % t.eval_interval == 0 or self.iter_num >= t.max_iters
                 if t.eval_only or (due and self.iter_num != resumed_at):  # resume: already evaluated
                     self._evaluate_and_checkpoint()
+                    if t.eval_tasks and t.eval_tasks_interval and self.iter_num % t.eval_tasks_interval == 0:
+                        self.run_eval_tasks()
                     clock.reset(self.iter_num)  # evaluation time is not training time
                 if self.iter_num >= t.max_iters or t.eval_only:
                     break
@@ -282,6 +299,8 @@ class Trainer:
                                 self.iter_num, stop.requested)
                     break
         exact = self.exact_val_loss() if t.final_eval and not stop.requested else None
+        if t.eval_tasks and not t.eval_tasks_interval and not stop.requested:
+            self.run_eval_tasks()
         summary = self._summary(train_loss, intervals, time.time() - wall0, exact)
         self.logger.log_summary(summary)
         self.logger.close()

@@ -18,12 +18,12 @@ def run(job: SampleJob) -> list[str]:
     """Print `num_samples` samples to stdout as they are generated; returns them."""
     from nanogpt.distributed import resolve_device
     from nanogpt.inference import encode_prompt, load_model_and_tokenizer, read_prompt, stream_text
-    from nanogpt.runtime import autocast, resolve_dtype
+    from nanogpt.runtime import autocast, compile_if_possible, resolve_dtype
 
     device = resolve_device(job.system.device)
     model, tok = load_model_and_tokenizer(job.out_dir if job.init_from == "resume" else job.init_from, device)
     if job.system.compile:
-        model = torch.compile(model)  # type: ignore[assignment]
+        model = compile_if_possible(model, device)  # type: ignore[assignment]
     text = read_prompt(job.start)
     prompt = encode_prompt(tok, text, device)
     gen = torch.Generator(device=device).manual_seed(job.seed)
