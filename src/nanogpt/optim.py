@@ -24,12 +24,13 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) 
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # fused kernels exist for CUDA; elsewhere the default (foreach) implementation is used
-    extra = {"fused": True} if device_type == "cuda" else {}
+    # fused kernels exist for CUDA; elsewhere ask for foreach explicitly (torch would pick the slower
+    # per-tensor loop for CPU tensors)
+    extra = {"fused": True} if device_type == "cuda" else {"foreach": True}
     log.info(
         "optimizer: %d decayed tensors (%s params), %d not decayed (%s params)%s",
         len(decay), f"{sum(p.numel() for p in decay):,}", len(no_decay),
-        f"{sum(p.numel() for p in no_decay):,}", ", fused" if extra else "",
+        f"{sum(p.numel() for p in no_decay):,}", ", fused" if "fused" in extra else "",
     )
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
 
