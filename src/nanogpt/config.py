@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nanogpt.errors import ConfigError
@@ -452,7 +452,6 @@ def to_dict(obj: Any) -> dict:
 
 __all__ = [
     "CONFIG_DIR",
-    "MISSING",
     "DataConfig",
     "GPTConfig",
     "LoggerConfig",

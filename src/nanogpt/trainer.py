@@ -308,10 +308,10 @@ class Trainer:
 
     def _should_stop(self, stop: StopSignal) -> bool:
         """All ranks stop together when any one of them was signalled."""
-        flag = torch.tensor([1.0 if stop.requested else 0.0])
-        if self.info.enabled:
-            flag = D.all_reduce_sum(flag.to(self.device), self.info).cpu()
-        return bool(flag.item() > 0)
+        if not self.info.enabled:
+            return stop.requested is not None
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
+        return bool(D.all_reduce_sum(flag, self.info).item() > 0)
 
     def _log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, clock: _Clock,
                   intervals: list[float]) -> float:
