@@ -1,6 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when missing.
-# torch is installed first at a pinned version and held by a constraints file, so installing the
-# package can never make the resolver fetch another torch (e.g. gigabytes of CUDA wheels).
+# torch (only a test oracle: transformers' GPT2LMHeadModel) is installed first at a pinned version
+# and held by a constraints file, so installing the package never pulls gigabytes of CUDA wheels.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-dev
 
 .PHONY: demo test install lint clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): setup.cfg pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
@@ -25,18 +25,15 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check nanogpt_jax configs data_prep tests run_*.py
 
-# Offline machines: point NANOGPT_DATA_MIRROR at local copies of the downloads (README, "Offline
-# and air-gapped use"); a ../shared/data folder beside the checkout is used when present.
-export NANOGPT_DATA_MIRROR ?= $(abspath $(wildcard ../shared/data))
-DEMO_OUT ?= out-shakespeare-char-cpu
-
-demo: $(STAMP)
-	$(VENV)/bin/nanogpt-prepare data=shakespeare_char
-	$(VENV)/bin/nanogpt-train --config-name=train_shakespeare_char_cpu out_dir=$(DEMO_OUT) "logger=[console,csv]"
-	$(VENV)/bin/nanogpt-sample out_dir=$(DEMO_OUT) num_samples=1 max_new_tokens=500 start="ROMEO:"
-	$(VENV)/bin/nanogpt-plot $(DEMO_OUT) -o $(DEMO_OUT)/loss.png
+# Offline machines: point NANOGPT_DATA_MIRROR at local copies of the downloads and
+# TIKTOKEN_CACHE_DIR at tiktoken's files (README, "Offline use"); ../shared/data is used when present.
+SHARED_DATA := $(abspath $(wildcard ../shared/data))
+ifneq ($(SHARED_DATA),)
+export NANOGPT_DATA_MIRROR ?= $(SHARED_DATA)
+export TIKTOKEN_CACHE_DIR ?= $(SHARED_DATA)/tiktoken_cache
+endif
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build *.egg-info

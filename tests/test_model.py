@@ -1,185 +1,143 @@
-import math
+"""The Flax GPT-2: sizes, causality, prediction API, dtypes, scan/remat equivalence, the KV cache."""
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
-from nanogpt.model import GPT, GPTConfig, KVCache, lm_loss, sample_next
+from nanogpt_jax.model import GPT, GPT2_SIZES, GPTConfig, KVCache, crop_block_size, init_params, lm_loss
 
-
-def test_forward_shapes_and_loss(tiny_model, tiny_config):
-    idx = torch.randint(0, tiny_config.vocab_size, (3, 10))
-    logits, loss = tiny_model(idx)
-    assert logits.shape == (3, 10, tiny_config.vocab_size) and loss is None
-    targets = torch.randint(0, tiny_config.vocab_size, (3, 10))
-    logits, loss = tiny_model(idx, targets)
-    expected = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-    torch.testing.assert_close(loss, expected)
-    # a freshly initialised model predicts roughly uniformly
-    assert abs(loss.item() - math.log(tiny_config.vocab_size)) < 0.5
+GPT2_PARAM_COUNTS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
+                     "gpt2-xl": 1_557_611_200}
 
 
-def test_loss_ignores_minus_one(tiny_model):
-    idx = torch.randint(0, 97, (2, 8))
-    targets = torch.randint(0, 97, (2, 8))
-    logits, _ = tiny_model(idx)
-    masked = targets.clone()
-    masked[:, 4:] = -1
-    per_tok = lm_loss(logits, targets, reduction="none")
-    assert per_tok.shape == (2, 8)
-    torch.testing.assert_close(lm_loss(logits, masked), per_tok[:, :4].mean())
+@pytest.mark.parametrize("name", list(GPT2_SIZES))
+@pytest.mark.parametrize("scan", [False, True])
+def test_param_counts_equal_gpt2(name, scan):
+    config = GPTConfig.gpt2(name, scan_layers=scan)
+    assert GPT(config).num_params() == GPT2_PARAM_COUNTS[name]  # from jax.eval_shape of init
+    assert config.num_params() == GPT2_PARAM_COUNTS[name]  # the formula MFU uses
 
 
-def test_predict_modes(tiny_model):
-    idx = torch.randint(0, 97, (2, 12))
-    full = tiny_model.predict(idx, targets=True)
-    last = tiny_model.predict(idx, targets=False)
-    assert full.shape == (2, 12, 97) and last.shape == (2, 1, 97)
-    torch.testing.assert_close(last, full[:, -1:, :])
-    torch.testing.assert_close(full, tiny_model(idx)[0])
+def test_flops_per_token_is_nanogpts_formula():
+    c = GPTConfig.gpt2("gpt2")
+    n = 124_439_808 - 1024 * 768  # without position embeddings
+    assert c.flops_per_token() == 6 * n + 12 * 12 * 768 * 1024
 
 
-def test_causality(tiny_model):
-    idx = torch.randint(0, 97, (1, 12))
-    changed = idx.clone()
-    changed[0, 7:] = (changed[0, 7:] + 1) % 97
-    a, b = tiny_model.predict(idx), tiny_model.predict(changed)
-    torch.testing.assert_close(a[:, :7], b[:, :7])
-    assert not torch.allclose(a[:, 7:], b[:, 7:])
+def test_param_tree_uses_hf_names(tiny_params, tiny_config):
+    assert set(tiny_params) == {"wte", "wpe", "ln_f"} | {f"h_{i}" for i in range(tiny_config.n_layer)}
+    block = tiny_params["h_0"]
+    assert set(block) == {"ln_1", "attn", "ln_2", "mlp"}
+    assert set(block["attn"]) == {"c_attn", "c_proj"} and set(block["mlp"]) == {"c_fc", "c_proj"}
+    D, H = tiny_config.n_embd, tiny_config.n_head
+    assert block["attn"]["c_attn"]["kernel"].shape == (D, 3, H, D // H)
+    assert block["attn"]["c_proj"]["kernel"].shape == (H, D // H, D)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(tiny_params))
 
 
-def test_weight_tying_and_init(tiny_config):
-    torch.manual_seed(0)
-    cfg = GPTConfig(block_size=16, vocab_size=97, n_layer=8, n_head=2, n_embd=256)
-    model = GPT(cfg)
-    assert model.lm_head.weight is model.transformer.wte.weight
-    names = [n for n, _ in model.named_parameters()]
-    assert "lm_head.weight" not in names  # counted once, as the token embedding
-    proj = model.transformer.h[0].mlp.c_proj.weight
-    assert proj.std().item() == pytest.approx(0.02 / math.sqrt(2 * cfg.n_layer), rel=0.1)
-    assert model.transformer.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.1)
-    assert model.transformer.h[0].attn.c_attn.bias.abs().sum() == 0
-    # a gradient through lm_head reaches the embedding
-    _, loss = model(torch.randint(0, 97, (1, 4)), torch.randint(0, 97, (1, 4)))
-    loss.backward()
-    assert model.transformer.wte.weight.grad is not None
+def test_init_follows_nanogpt(tiny_config):
+    c = dataclasses.replace(tiny_config, n_embd=256, n_head=4, n_layer=8)
+    p = init_params(GPT(c), jax.random.key(0))
+    assert np.std(p["h_0"]["mlp"]["c_fc"]["kernel"]) == pytest.approx(0.02, rel=0.05)
+    assert np.std(p["h_0"]["mlp"]["c_proj"]["kernel"]) == pytest.approx(0.02 / np.sqrt(2 * 8), rel=0.05)
+    assert np.std(p["h_0"]["attn"]["c_proj"]["kernel"]) == pytest.approx(0.02 / np.sqrt(2 * 8), rel=0.05)
+    assert np.std(p["wte"]["embedding"]) == pytest.approx(0.02, rel=0.05)
+    assert not np.any(p["h_0"]["attn"]["c_attn"]["bias"]) and np.all(p["ln_f"]["scale"] == 1)
 
 
-def test_tanh_gelu(tiny_model):
-    mlp = tiny_model.transformer.h[0].mlp
-    x = torch.randn(2, 3, 32)
-    expected = mlp.c_proj(F.gelu(mlp.c_fc(x), approximate="tanh"))
-    torch.testing.assert_close(mlp(x), expected)
+def test_causal(tiny_config, tiny_params):
+    lm = GPT(tiny_config).bind({"params": tiny_params})
+    idx = jax.random.randint(jax.random.key(1), (2, 12), 0, tiny_config.vocab_size)
+    changed = idx.at[:, 7].set((idx[:, 7] + 1) % tiny_config.vocab_size)
+    a, b = lm.predict(idx), lm.predict(changed)
+    np.testing.assert_array_equal(a[:, :7], b[:, :7])  # the past never sees the future
+    assert not np.allclose(a[:, 7:], b[:, 7:])
 
 
-@pytest.mark.parametrize(
-    "shape", [(12, 12, 768), (24, 16, 1024), (36, 20, 1280), (48, 25, 1600)], ids=["gpt2", "m", "l", "xl"]
-)
-def test_param_count_matches_transformers(shape):
-    transformers = pytest.importorskip("transformers")
-    n_layer, n_head, n_embd = shape
-    hf_cfg = transformers.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=1024)
-    with torch.device("meta"):
-        hf = transformers.GPT2LMHeadModel(hf_cfg)
-        ours = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd))
-    hf_count = sum(p.numel() for p in hf.parameters())
-    assert ours.num_params() == hf_count
-    expected = {768: 124_439_808, 1024: 354_823_168, 1280: 774_030_080, 1600: 1_557_611_200}
-    assert hf_count == expected[n_embd]
+def test_predict_last_equals_full_last_row(tiny_config, tiny_params):
+    lm = GPT(tiny_config).bind({"params": tiny_params})
+    idx = jax.random.randint(jax.random.key(2), (3, 9), 0, tiny_config.vocab_size)
+    full, last = lm.predict(idx), lm.predict(idx, targets=False)
+    assert full.shape == (3, 9, tiny_config.vocab_size) and last.shape == (3, 1, tiny_config.vocab_size)
+    np.testing.assert_allclose(last, full[:, -1:], atol=1e-6)
 
 
-def test_kv_cache_logits_match_full(tiny_model):
-    idx = torch.randint(0, 97, (2, 10))
-    full = tiny_model.predict(idx)
-    cache = KVCache(tiny_model.config, 2, idx.device, torch.float32)
-    first = tiny_model.lm_head(tiny_model._hidden(idx[:, :6], cache))
-    rest = [tiny_model.lm_head(tiny_model._hidden(idx[:, i : i + 1], cache)) for i in range(6, 8)]
-    chunk = tiny_model.lm_head(tiny_model._hidden(idx[:, 8:10], cache))  # several tokens at pos > 0
-    torch.testing.assert_close(torch.cat([first, *rest, chunk], dim=1), full, atol=1e-5, rtol=1e-5)
+def test_bf16_compute_returns_fp32_logits(tiny_config, tiny_params):
+    lm = GPT(dataclasses.replace(tiny_config, dtype="bfloat16")).bind({"params": tiny_params})
+    idx = jnp.arange(8)[None] % tiny_config.vocab_size
+    logits = lm.predict(idx)
+    assert logits.dtype == jnp.float32
+    ref = GPT(tiny_config).bind({"params": tiny_params}).predict(idx)
+    np.testing.assert_allclose(logits, ref, atol=0.05)  # bf16 rounding, not a different function
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, None, None), (1.0, None, None), (0.8, 10, 0.9)])
-def test_generate_cache_equals_recompute_past_block_size(tiny_model, temperature, top_k, top_p):
-    idx = torch.randint(0, 97, (2, 5))
-    n = 30  # block_size is 16: the last 19 steps slide the window
-    outs = []
-    for use_cache in (True, False):
-        g = torch.Generator().manual_seed(123)
-        outs.append(tiny_model.generate(idx, n, temperature, top_k, top_p, generator=g, use_cache=use_cache))
-    assert outs[0].shape == (2, 5 + n)
-    assert torch.equal(outs[0], outs[1])
-    assert torch.equal(outs[0][:, :5], idx)
+def stack_layers(params, n_layer):
+    """Non-scanned params -> the scanned layout (a leading layer axis under h)."""
+    out = {k: v for k, v in params.items() if not k.startswith("h_")}
+    out["h"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"h_{i}"] for i in range(n_layer)])
+    return out
 
 
-def test_generate_crops_long_prompt(tiny_model):
-    idx = torch.randint(0, 97, (1, 40))  # longer than block_size 16
-    out = tiny_model.generate(idx, 3, temperature=0)
-    ref = tiny_model.generate(idx[:, -16:], 3, temperature=0)
-    assert out.shape == (1, 43) and torch.equal(out[:, -3:], ref[:, -3:])
+@pytest.mark.parametrize("remat", ["none", "full", "dots_with_no_batch_dims_saveable"])
+def test_scan_and_remat_give_the_same_function(tiny_config, tiny_params, remat):
+    idx = jax.random.randint(jax.random.key(3), (2, 16), 0, tiny_config.vocab_size)
+    ref_model = GPT(tiny_config)
+
+    def loss(model, params):
+        return lm_loss(model.apply({"params": params}, idx[:, :-1]), idx[:, 1:])
+
+    ref_loss, ref_grads = jax.value_and_grad(lambda p: loss(ref_model, p))(tiny_params)
+    scanned = GPT(dataclasses.replace(tiny_config, scan_layers=True, remat=remat))
+    s_loss, s_grads = jax.value_and_grad(lambda p: loss(scanned, p))(stack_layers(tiny_params, 2))
+    np.testing.assert_allclose(s_loss, ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(s_grads["h"]["mlp"]["c_fc"]["kernel"][1],
+                               ref_grads["h_1"]["mlp"]["c_fc"]["kernel"], atol=1e-6)
+    rematted = GPT(dataclasses.replace(tiny_config, remat=remat))
+    np.testing.assert_allclose(loss(rematted, tiny_params), ref_loss, rtol=1e-6)
 
 
-def test_greedy_is_argmax_and_seeded_sampling_repeats(tiny_model):
-    idx = torch.randint(0, 97, (1, 4))
-    out = tiny_model.generate(idx, 1, temperature=0)
-    assert out[0, -1] == tiny_model.predict(idx, targets=False)[0, -1].argmax()
-    a = tiny_model.generate(idx, 8, generator=torch.Generator().manual_seed(7))
-    b = tiny_model.generate(idx, 8, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(a, b)
+@pytest.mark.parametrize("scan", [False, True])
+def test_kv_cache_decode_equals_full_forward(tiny_config, tiny_params, scan):
+    config = dataclasses.replace(tiny_config, scan_layers=scan)
+    params = stack_layers(tiny_params, 2) if scan else tiny_params
+    lm = GPT(config).bind({"params": params})
+    idx = jax.random.randint(jax.random.key(4), (2, 16), 0, config.vocab_size)
+    full = lm.predict(idx)
+    logits, cache = lm.decode(idx[:, :5], KVCache.zeros(config, 2), 0)  # prefill 5 tokens
+    np.testing.assert_allclose(logits, full[:, 4], atol=1e-5)
+    for t in range(5, 16):  # then one token at a time, up to the full block
+        logits, cache = lm.decode(idx[:, t:t + 1], cache, t)
+        np.testing.assert_allclose(logits, full[:, t], atol=1e-5)
 
 
-def test_top_k_and_top_p_filtering():
-    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
-    for seed in range(20):
-        g = torch.Generator().manual_seed(seed)
-        assert sample_next(logits, 1.0, top_k=2, generator=g).item() in (0, 1)
-        assert sample_next(logits, 1.0, top_k=1, generator=g).item() == 0
-        assert sample_next(logits, 1.0, top_p=0.01, generator=g).item() == 0
-    probs = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, ...: top_p=0.8 keeps the first two
-    assert probs[0] < 0.8 < probs[0] + probs[1]
-    seen = {sample_next(logits, 1.0, top_p=0.8, generator=torch.Generator().manual_seed(s)).item()
-            for s in range(200)}
-    assert seen == {0, 1}
+def test_dropout_is_active_only_when_training(tiny_config, tiny_params):
+    config = dataclasses.replace(tiny_config, dropout=0.5)
+    model = GPT(config)
+    idx = jnp.arange(10)[None]
+    a = model.apply({"params": tiny_params}, idx, deterministic=False, rngs={"dropout": jax.random.key(0)})
+    b = model.apply({"params": tiny_params}, idx, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    assert not np.allclose(a, b)
+    np.testing.assert_allclose(model.apply({"params": tiny_params}, idx),
+                               GPT(tiny_config).apply({"params": tiny_params}, idx), atol=1e-6)
 
 
-def test_stop_token_and_streaming_callback(tiny_model):
-    idx = torch.randint(0, 97, (1, 3))
-    first = tiny_model.generate(idx, 1, temperature=0)[0, -1].item()
-    streamed = []
-    out = tiny_model.generate(idx, 10, temperature=0, stop_token=first, callback=streamed.append)
-    assert out.shape == (1, 4) and out[0, -1].item() == first
-    assert [t.item() for t in streamed] == [first]
-    # in a batch, finished rows are padded with the stop token until all rows stop
-    batch = torch.randint(0, 97, (3, 3))
-    full = tiny_model.generate(batch, 6, temperature=0)
-    stop = full[0, 4].item()  # row 0 stops at its 2nd new token
-    out = tiny_model.generate(batch, 6, temperature=0, stop_token=stop)
-    assert torch.equal(out[0, :5], full[0, :5]) and (out[0, 5:] == stop).all()
-
-
-def test_stream_yields_tokens(tiny_model):
-    idx = torch.randint(0, 97, (2, 3))
-    toks = list(tiny_model.stream(idx, 5, temperature=0))
-    assert len(toks) == 5 and all(t.shape == (2, 1) for t in toks)
-    assert torch.equal(torch.cat([idx, *toks], 1), tiny_model.generate(idx, 5, temperature=0))
-
-
-def test_crop_block_size(tiny_model):
-    tiny_model.crop_block_size(8)
-    assert tiny_model.config.block_size == 8 and tiny_model.transformer.wpe.weight.shape[0] == 8
-    assert tiny_model.predict(torch.randint(0, 97, (1, 8))).shape == (1, 8, 97)
-    with pytest.raises(ValueError, match="exceeds block_size"):
-        tiny_model.predict(torch.randint(0, 97, (1, 9)))
+def test_crop_block_size(tiny_config, tiny_params):
+    model, params = crop_block_size(GPT(tiny_config), tiny_params, 8)
+    assert model.config.block_size == 8 and params["wpe"]["embedding"].shape == (8, tiny_config.n_embd)
+    idx = jnp.arange(8)[None]
+    np.testing.assert_allclose(model.apply({"params": params}, idx),
+                               GPT(tiny_config).apply({"params": tiny_params}, idx), atol=1e-6)
     with pytest.raises(ValueError, match="cannot grow"):
-        tiny_model.crop_block_size(32)
+        crop_block_size(GPT(tiny_config), tiny_params, 32)
 
 
-def test_flops_per_token(tiny_model, tiny_config):
-    n = tiny_model.num_params(non_embedding=True)
-    assert n == tiny_model.num_params() - tiny_config.block_size * tiny_config.n_embd
-    assert tiny_model.flops_per_token() == 6 * n + 12 * 2 * 32 * 16
-    assert tiny_model.flops_per_token(seq_len=8) == 6 * n + 12 * 2 * 32 * 8
-
-
-def test_bad_shape_rejected():
-    with pytest.raises(ValueError, match="divisible"):
-        GPT(GPTConfig(n_embd=30, n_head=4))
+def test_too_long_input_and_bad_config_raise(tiny_config, tiny_params):
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        GPT(tiny_config).apply({"params": tiny_params}, jnp.zeros((1, 17), jnp.int32))
+    with pytest.raises(ValueError, match="n_embd=30 must be divisible by n_head=4"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="dtype"):
+        GPTConfig(dtype="int8")

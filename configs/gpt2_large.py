@@ -1,0 +1,10 @@
+"""OpenAI's gpt2-large (774M) from Hugging Face, for sampling and evaluation.
+
+    python run_sample.py --config configs/gpt2_large.py --config.sample.prompt="Hello, I'm a language model,"
+"""
+
+from configs import default
+
+
+def get_config(arg: str | None = None):
+    return default.pretrained("gpt2-large", arg)

@@ -1,0 +1,45 @@
+"""A character-level Shakespeare model: nanoGPT's 6 layer x 6 head x 384 recipe (~10.7M parameters).
+
+    python data_prep/shakespeare_char.py
+    python run_train.py --config configs/shakespeare_char.py       # a GPU: val loss ~1.47
+    python run_train.py --config configs/shakespeare_char.py:cpu   # a laptop CPU: ~1.88 in minutes
+"""
+
+from configs import default
+
+
+def get_config(arg: str | None = None):
+    c = default.get_config()
+    c.out_dir = "out-shakespeare-char"
+    c.data.data_dir = "data/shakespeare_char"
+    c.model.n_layer, c.model.n_head, c.model.n_embd = 6, 6, 384
+    c.model.block_size = 256  # characters of context
+    c.model.dropout = 0.2  # a small dataset: regularise
+    c.train.batch_size = 64
+    c.train.gradient_accumulation_steps = 1
+    c.train.max_iters = 5000
+    c.train.eval_interval = 250  # evaluate often: it overfits quickly
+    c.train.eval_iters = 200
+    c.train.log_interval = 10
+    c.train.always_save_checkpoint = False  # keep only improvements
+    c.optim.learning_rate = 1e-3  # a small model can take a large step
+    c.optim.min_lr = 1e-4
+    c.optim.lr_decay_iters = 5000
+    c.optim.warmup_iters = 100
+    c.optim.beta2 = 0.99  # few tokens per step: a longer second-moment average
+    c.sample.prompt = "\n"
+    c.sample.max_new_tokens = 500
+    c.sample.top_k = 200
+    if arg == "cpu":  # nanoGPT's README CPU run: 4 x 4 x 128, block 64, batch 12, 2000 steps
+        c.out_dir = "out-shakespeare-char-cpu"
+        c.model.n_layer, c.model.n_head, c.model.n_embd = 4, 4, 128
+        c.model.block_size = 64
+        c.model.dropout = 0.0
+        c.train.batch_size = 12
+        c.train.max_iters = 2000
+        c.train.eval_iters = 20
+        c.train.log_interval = 1
+        c.optim.lr_decay_iters = 2000
+    elif arg:
+        raise ValueError(f"configs/shakespeare_char.py: unknown variant {arg!r}; the only one is cpu")
+    return c

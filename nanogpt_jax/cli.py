@@ -1,0 +1,88 @@
+"""What every `run_*.py` shares: the `--config` flag, one-line errors, and absl logging.
+
+    # run_sample.py
+    from nanogpt_jax import cli
+    cli.main(lambda config: sample.sample_from_config(config))
+
+`main` parses `--config path.py[:variant]` and `--config.key=value` overrides with ml_collections
+(locked, so an unknown key is an error), validates the result, and calls the function. A problem
+with the input (`UserError`, a bad flag, a config file that cannot be loaded) prints one line,
+`error: ...`, to stderr and exits with status 1; nothing else is printed.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from absl import app, flags, logging
+from ml_collections import ConfigDict, config_flags
+
+from nanogpt_jax.config import validate
+from nanogpt_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/owt.py or configs/owt.py:gpt2-medium; override keys with "
+    "--config.key=value.", lock_config=True)
+
+
+def fail(message: str) -> NoReturn:
+    """Print `error: message` on one line to stderr and exit with status 1."""
+    message = " ".join(str(message).split())  # one line, whatever the source
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(1)
+
+
+def _flag_error_message(e: BaseException) -> str:
+    """Turn what absl / ml_collections raise for a bad flag into a one-line message naming the key."""
+    text = str(e.args[0]) if isinstance(e, KeyError | AttributeError) and e.args else str(e)
+    text = text.strip("'\"").replace("\\n", " ").replace("\\'", "'")
+    key = re.search(r"--(config[\w.]*)", " ".join(sys.argv))
+    if isinstance(e, KeyError | AttributeError):
+        bad = re.match(r"'?([\w]+)'?", text)
+        hint = re.search(r'Did you mean "(\w+)"', text)
+        name = bad.group(1) if bad else text
+        msg = f"unknown config key {name!r}"
+        return msg + (f" (did you mean {hint.group(1)!r}?)" if hint else " (see configs/default.py for every key)")
+    return text if key is None or key.group(1) in text else f"{key.group(1)}: {text}"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+        fail(_flag_error_message(e))
+
+
+def load_config() -> ConfigDict:
+    """The parsed `--config`, validated; raises UserError naming the bad key."""
+    config = _CONFIG.value
+    if config is None:
+        raise UserError("no config given: pass --config configs/<name>.py (see configs/)")
+    if not isinstance(config, ConfigDict):  # ml_collections defers a file-load failure to first use
+        try:
+            config.unlock()
+        except Exception as e:  # noqa: BLE001 - its message is the load error
+            raise UserError(f"cannot load --config: {e}") from None
+    validate(config)
+    return config
+
+
+def main(fn: Callable[[ConfigDict], object]) -> None:
+    """Run `fn(config)` as an absl app with one-line errors for bad input."""
+
+    def _main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            fail(f"unexpected arguments {' '.join(argv[1:])!r}; settings go in --config.key=value")
+        logging.use_absl_handler()
+        try:
+            fn(load_config())
+        except UserError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            fail("interrupted")
+
+    app.run(_main, flags_parser=_parse_flags)

@@ -1,0 +1,23 @@
+"""The exception users see as a one-line message.
+
+Library code raises `UserError` (or a subclass) for problems the user can fix: a bad config value,
+a missing file, a checkpoint that does not fit. The `run_*.py` entry points print its message on
+one line and exit with status 1, without a traceback (see `nanogpt_jax.cli`). Anything else is a
+bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input; the message names the problem and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """An unknown, mistyped or impossible config value; the message starts with the key."""
+
+
+class DataError(UserError):
+    """A missing, damaged or mismatched dataset file."""
+
+
+class CheckpointError(UserError):
+    """A missing, truncated or incompatible checkpoint or weights file."""
