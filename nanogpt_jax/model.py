@@ -201,6 +201,30 @@ def _attention_impl(config: GPTConfig) -> str:
     return "cudnn" if on_gpu and config.dtype in ("bfloat16", "float16") else "xla"
 
 
+class Projection(nn.Module):
+    """A linear layer whose kernel keeps several input or output axes: x (..., *in) -> (..., *out).
+
+    `nn.DenseGeneral` would create its kernel flat and reshape it, which loses the per-axis
+    logical names that let tensor parallelism split the heads.
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    names: tuple[str | None, ...]  # logical axis names of the kernel, in_shape + out_shape
+    std: float
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c, n_in = self.config, len(self.in_shape)
+        kernel = self.param("kernel", _dense_init(self.std, self.names), self.in_shape + self.out_shape)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(c.compute_dtype), kernel.astype(c.compute_dtype), (contract, ((), ())))
+        if c.bias:
+            y = y + self.param("bias", _zeros_init(self.names[n_in:]), self.out_shape).astype(c.compute_dtype)
+        return y
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with a fused q/k/v projection.
 
@@ -217,10 +241,8 @@ class CausalSelfAttention(nn.Module):
     ) -> tuple[Array, tuple[Array, Array] | None]:
         c = self.config
         std = 0.02
-        qkv_BT3HK = nn.DenseGeneral(
-            (3, c.n_head, c.head_size), use_bias=c.bias, dtype=c.compute_dtype, name="c_attn",
-            kernel_init=_dense_init(std, ("embed", "qkv", "heads", "kv")),
-            bias_init=_zeros_init(("qkv", "heads", "kv")),
+        qkv_BT3HK = Projection(
+            (c.n_embd,), (3, c.n_head, c.head_size), ("embed", "qkv", "heads", "kv"), std, c, name="c_attn",
         )(x_BTD)
         q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i] for i in range(3))
 
@@ -238,10 +260,9 @@ class CausalSelfAttention(nn.Module):
 
         # the residual projection: scaled init so the stream's variance does not grow with depth
         # (GPT-2 paper, section 2.3: weights of residual layers scaled by 1/sqrt(N), N = 2 per block)
-        y_BTD = nn.DenseGeneral(
-            c.n_embd, axis=(-2, -1), use_bias=c.bias, dtype=c.compute_dtype, name="c_proj",
-            kernel_init=_dense_init(std / math.sqrt(2 * c.n_layer), ("heads", "kv", "embed")),
-            bias_init=_zeros_init(("embed",)),
+        y_BTD = Projection(
+            (c.n_head, c.head_size), (c.n_embd,), ("heads", "kv", "embed"), std / math.sqrt(2 * c.n_layer), c,
+            name="c_proj",
         )(y_BTHK)
         return nn.Dropout(c.dropout)(y_BTD, deterministic=deterministic), kv
 
