@@ -1,0 +1,285 @@
+"""The training run behind `python run_train.py --config configs/<name>.py`.
+
+One loop, the same on a laptop CPU and on a TPU pod: build the mesh, the model and the state
+(scratch, resume or GPT-2 weights), then step; every eval_interval estimate the train and val loss
+on fixed batches and checkpoint; log every log_interval. Metrics are read back one step late so
+the host never waits on the device. SIGTERM/SIGINT finish the current step, save and exit 0.
+
+Exact resume: a checkpoint at step s holds the state after s optimizer steps; batches and dropout
+keys are pure functions of (seed, step), so a resumed run repeats what the interrupted one did.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from ml_collections import ConfigDict
+
+from nanogpt_jax import config as config_lib
+from nanogpt_jax import data, metrics, sharding
+from nanogpt_jax.checkpoint import Checkpointer
+from nanogpt_jax.errors import CheckpointError, ConfigError, UserError
+from nanogpt_jax.model import GPT, GPTConfig
+from nanogpt_jax.optim import OptimConfig, make_optimizer
+from nanogpt_jax.step import TrainState, abstract_state, init_state, make_eval_step, make_train_step
+
+
+def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
+    """Create out_dir (on process 0) and check it is writable before any work starts."""
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"out_dir={str(path)!r} is not writable ({e.strerror}); choose another --config.out_dir") from None
+    return path
+
+
+def optim_config(config: ConfigDict) -> OptimConfig:
+    return OptimConfig(**{k: config.optim[k] for k in OptimConfig.__dataclass_fields__})
+
+
+# ---- where the weights come from -----------------------------------------------------------
+
+
+def _runtime_overrides(config: ConfigDict) -> dict[str, Any]:
+    """The model options a run may change on a checkpoint's architecture: compute, not shape."""
+    m = config.model
+    return {"dropout": m.dropout, "dtype": config_lib.resolve_dtype(m.dtype), "remat": m.remat,
+            "attention": m.attention}
+
+
+def build_state(config: ConfigDict, mesh: jax.sharding.Mesh, ckpt: Checkpointer,
+                meta: dict) -> tuple[GPT, TrainState, dict]:
+    """The model and its TrainState from config.init_from, placed on `mesh`; plus the record of the
+    checkpoint resumed from ({} otherwise)."""
+    init = config.init_from
+    optimizer = make_optimizer(optim_config(config))
+    if init == "resume":
+        step = ckpt.latest_step()
+        if step is None:
+            raise CheckpointError(f"init_from=resume: no checkpoint in {ckpt.directory}; train first or set "
+                                  "--config.init_from=scratch")
+        record = ckpt.record(step)
+        shape = dict(record["model"])
+        model = GPT(GPTConfig(**{**shape, **_runtime_overrides(config)}))
+        state, record = ckpt.restore(abstract_state(model, optimizer, mesh), step)
+        logging.info("resumed from %s at step %d", ckpt.directory, step)
+        return model, state, record
+    if init == "scratch":
+        vocab = config.model.vocab_size or data.model_vocab_size(meta)
+        model = GPT(config_lib.gpt_config(config, vocab_size=vocab))
+        return model, init_state(model, optimizer, mesh, jax.random.key(config.seed)), {}
+    from nanogpt_jax import convert  # GPT-2 weights by name or from an HF folder
+
+    gpt_cfg = convert.pretrained_config(init, **_runtime_overrides(config), block_size=config.model.block_size,
+                                        scan_layers=config.model.scan_layers)
+    model = GPT(gpt_cfg)
+    from nanogpt_jax.step import state_shardings
+
+    param_shardings = state_shardings(model, optimizer, mesh).params
+    model, params = convert.load_pretrained(init, shardings=param_shardings, **asdict(gpt_cfg))
+    return model, init_state(model, optimizer, mesh, jax.random.key(config.seed), params=params), {}
+
+
+# ---- the loop -------------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop saves and exits cleanly at the next step boundary."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signal = signum
+        logging.warning("received %s: finishing this step, saving a checkpoint, then exiting",
+                        signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+def _global_eval_batches(tokens: np.ndarray, config: ConfigDict, block_size: int, mesh) -> list[tuple]:
+    """The fixed eval batches of a split as global (B, T) arrays (every process holds them whole)."""
+    shard = sharding.batch_sharding(mesh, 2)
+    B = config.train.batch_size
+    out = []
+    for x, y in data.eval_batches(tokens, batch_size=B, block_size=block_size, n_batches=config.train.eval_iters,
+                                  seed=config.seed):
+        out.append(tuple(jax.make_array_from_callback(a.shape, shard, lambda idx, a=a: a[idx]) for a in (x, y)))
+    return out
+
+
+def estimate_loss(eval_fn, params, batches: dict[str, list]) -> dict[str, float]:
+    """Mean loss over each split's fixed batches: {split: nats per token}."""
+    out = {}
+    for split, split_batches in batches.items():
+        sums = [eval_fn(params, x, y) for x, y in split_batches]
+        total, count = (sum(float(v) for v in col) for col in zip(*sums, strict=True))
+        out[split] = total / count
+    return out
+
+
+def train(config: ConfigDict) -> dict:
+    """Run training as the config says; returns the summary also written to out_dir/summary.json.
+
+    Raises UserError (one line) for bad input: config, data, checkpoints, out_dir.
+    """
+    t_start = time.time()
+    out_dir = prepare_out_dir(config.out_dir)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    B, A = config.train.batch_size, config.train.gradient_accumulation_steps
+    if B % sharding.batch_divisor(mesh):
+        raise ConfigError(f"train.batch_size={B}: must be divisible by mesh.data x mesh.fsdp = "
+                          f"{sharding.batch_divisor(mesh)} (each of those devices holds an equal share of the batch)")
+    meta = data.load_meta(config.data.data_dir)
+    ckpt = Checkpointer(checkpoint_dir(out_dir), keep=config.train.keep_checkpoints)
+    model, state, resumed = build_state(config, mesh, ckpt, meta)
+    gcfg = model.config
+    T = gcfg.block_size
+    dataset = data.Dataset(config.data.data_dir, block_size=T, model_vocab_size=gcfg.vocab_size)
+    tokens_per_step = A * B * T
+    logging.info("model: %s, %.2fM parameters; mesh %s", gcfg, model.num_params() / 1e6, dict(mesh.shape))
+    logging.info("tokens per step: %d micro-steps x %d sequences x %d tokens = %s", A, B, T, f"{tokens_per_step:,}")
+
+    train_fn = make_train_step(model, optim_config(config), mesh, state, grad_accum=A, seed=config.seed)
+    eval_fn = make_eval_step(model, mesh, state.params)
+    batches = data.TrainBatches(dataset.split("train"), batch_size=B, block_size=T, grad_accum=A,
+                                seed=config.seed, sharding=sharding.batch_sharding(mesh, 3))
+    eval_batches = {s: _global_eval_batches(dataset.split(s), config, T, mesh) for s in ("train", "val")}
+
+    start = int(state.step)
+    max_iters = config.train.max_iters
+    best_val = resumed.get("best_val_loss", math.inf)
+    if best_val is None:
+        best_val = math.inf
+    flops_per_token = gcfg.flops_per_token(T)
+    peak = metrics.peak_flops(jax.devices()[0], gcfg.dtype, config.bench.peak_tflops)
+    logger = metrics.MetricLogger(out_dir, tensorboard=config.log.tensorboard, csv=config.log.csv,
+                                  wandb_project=config.log.wandb_project, config=config.to_dict(),
+                                  resume_step=start if resumed else None)
+    record_base = {"config": json.loads(config.to_json()), "model": asdict(gcfg), "data_dir": config.data.data_dir,
+                   "tokenizer": dataset.meta.get("tokenizer")}
+
+    def save(step: int, state: TrainState, val_loss: float | None) -> None:
+        if ckpt.latest_step() == step:
+            return  # already saved (e.g. the step a resumed run started from)
+        ckpt.save(step, state, record={**record_base, "step": step, "val_loss": val_loss,
+                                       "best_val_loss": None if math.isinf(best_val) else best_val},
+                  val_loss=val_loss)
+
+    step_times: list[float] = []
+    last: dict[str, float] = {}
+    pending: tuple[int, dict] | None = None
+    t_last = time.perf_counter()
+
+    def read_back(item: tuple[int, dict] | None) -> None:
+        """Fetch a step's metrics (one step late), log them, stop on persistent non-finite steps."""
+        nonlocal t_last
+        if item is None:
+            return
+        step, m = item
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        now = time.perf_counter()
+        dt, t_last = now - t_last, now
+        if step > start:  # the first step includes compilation
+            step_times.append(dt)
+        last.update(loss=m["loss"])
+        if m["skipped"] >= config.train.max_skipped:
+            raise UserError(f"training stopped: {int(m['skipped'])} steps in a row up to step {step} had a non-finite "
+                            f"loss or gradient norm (train.max_skipped={config.train.max_skipped}); the last "
+                            f"checkpoint (step {ckpt.latest_step()}) is untouched; lower optim.learning_rate or "
+                            "check the data")
+        if step % config.train.log_interval == 0 or step == max_iters - 1:
+            tok_s = tokens_per_step / dt
+            row = {"train/loss": m["loss"], "train/lr": m["lr"], "train/grad_norm": m["grad_norm"],
+                   "train/ms_per_step": dt * 1e3, "train/tokens_per_sec": tok_s,
+                   "train/skipped_steps": m["n_skipped"]}
+            mfu = metrics.mfu(flops_per_token, tok_s, mesh.size, peak)
+            if mfu is not None:
+                row["train/mfu"] = mfu
+            logger.log(step, row)
+            logging.info("%s", metrics.format_line(step, row))
+
+    with _StopFlag() as stop:
+        step = start
+        prefetch = batches.prefetch(start, max_iters)
+        while True:
+            if step % config.train.eval_interval == 0 or step == max_iters:
+                read_back(pending)
+                pending = None
+                losses = estimate_loss(eval_fn, state.params, eval_batches)
+                logger.log(step, {"train/eval_loss": losses["train"], "val/loss": losses["val"]})
+                logging.info("step %d: train loss %.4f, val loss %.4f", step, losses["train"], losses["val"])
+                last.update(val_loss=losses["val"], train_eval_loss=losses["train"])
+                improved = losses["val"] < best_val
+                if improved:
+                    best_val = losses["val"]
+                if improved or config.train.always_save_checkpoint:
+                    save(step, state, losses["val"])
+                t_last = time.perf_counter()
+            if step >= max_iters or stop:
+                break
+            _, x, y = next(prefetch)
+            state, step_metrics = train_fn(state, x, y)
+            read_back(pending)
+            pending = (step, step_metrics)
+            step += 1
+        read_back(pending)
+        if stop:
+            save(step, state, None)
+            logging.info("saved step %d after %s; resume with --config.init_from=resume", step,
+                         signal.Signals(stop.signal).name)
+    ckpt.close()  # waits for pending saves; raises if one failed
+    logger.close()
+    summary = {
+        "iterations": step, "stopped_by_signal": bool(stop), "train_loss": last.get("loss"),
+        "train_eval_loss": last.get("train_eval_loss"), "val_loss": last.get("val_loss"),
+        "best_val_loss": None if math.isinf(best_val) else best_val,
+        "ms_per_step": statistics.median(step_times) * 1e3 if step_times else None,
+        "tokens_per_step": tokens_per_step, "wall_seconds": time.time() - t_start,
+        "flops_formula": metrics.FLOPS_FORMULA, "devices": mesh.size, "device_kind": jax.devices()[0].device_kind,
+        "peak_device_memory_bytes": _peak_memory(),
+    }
+    if summary["ms_per_step"]:
+        summary["tokens_per_sec"] = tokens_per_step / (summary["ms_per_step"] / 1e3)
+        summary["mfu"] = metrics.mfu(flops_per_token, summary["tokens_per_sec"], mesh.size, peak)
+    if jax.process_index() == 0:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _peak_memory() -> int | None:
+    """Peak bytes in use on device 0, where the backend reports it (GPU, TPU; not the CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
