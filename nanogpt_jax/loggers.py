@@ -28,6 +28,7 @@ events in out_dir/tb and starts a new W&B run.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import time
@@ -103,9 +104,14 @@ class _Console:
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(header, rows) of a metrics CSV. A last line without its newline is a row cut short by a
+    kill during the write: it is left out."""
     with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames or []), list(reader)
+        text = f.read()
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    reader = csv.DictReader(io.StringIO(text))
+    return list(reader.fieldnames or []), list(reader)
 
 
 class _CSV:

@@ -67,8 +67,8 @@ def test_tensorboard_events_and_config_read_back(tmp_path):
     assert '"n_layer": 2' in text.tensor_proto.string_val[0].decode()
 
 
-def test_csv_header_grows_and_values_are_exact(tmp_path):
-    with MetricLogger(tmp_path, tensorboard=False) as logger:
+def test_csv_header_grows_and_values_are_exact(tmp_path, caplog):
+    with caplog.at_level(logging.INFO), MetricLogger(tmp_path, tensorboard=False, total_steps=100) as logger:
         logger.log(0, {"train/loss": 0.1 + 0.2})
         logger.log(0, {"val/loss": 3.5})
         logger.log(10, {"train/loss": 2.0, "train/mfu": None, "train/lr": 1e-3})
@@ -80,6 +80,8 @@ def test_csv_header_grows_and_values_are_exact(tmp_path):
         ("10", "2.0", "", "0.001"),
     ]
     assert not (tmp_path / "tb").exists()
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert lines[-1] == "step 10/100 | loss 2.0000 | lr 1.00e-03"  # the console line, through absl
 
 
 def test_resume_drops_the_later_steps(tmp_path):
@@ -87,6 +89,8 @@ def test_resume_drops_the_later_steps(tmp_path):
     for step in range(0, 60, 10):
         logger.log(step, _train(step))
     logger.close()  # the interrupted run got to step 50; its checkpoint is at step 30
+    with open(tmp_path / "metrics.csv", "a") as f:
+        f.write("6")  # killed while writing the row of step 60
 
     with MetricLogger(tmp_path, config={"run": 2}, resume_step=30) as logger:
         for step in (30, 40):
