@@ -1,0 +1,192 @@
+"""Model FLOPs utilisation (MFU): the one FLOP formula, the one peak table, the CPU probe.
+
+Every MFU figure of the project (console line, TensorBoard `train/mfu`, summary.json, run_bench.py)
+comes from `mfu()` with a peak from `device_peak()`, so they agree and name their sources:
+
+    mfu = flops_per_token * tokens_per_sec / (n_devices * peak_flops_per_device)
+
+`flops_per_token` is `GPTConfig.flops_per_token(seq_len)`, see FLOPS_FORMULA. Peaks are dense
+(never 2:4-sparsity) datasheet figures per JAX device for the dtype the matmuls really run in:
+bfloat16/float16 on tensor cores / the MXU with float32 accumulation; float32 as JAX runs it, which
+by default is TF32 on NVIDIA Ampere and later and one bfloat16 pass on TPU ("Matmul precision",
+docs.jax.dev/en/latest/201/precision.html). An unknown chip or mode gives None: MFU is then
+reported as unknown, never as a wrong number. On a CPU there is no datasheet, so the peak is
+measured on the spot by a short matmul probe.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+# The name printed beside every MFU figure, so a reader knows which convention produced it.
+FLOPS_FORMULA = "6N + 12·L·d·T per token (nanoGPT/PaLM; N without position embeddings), full attention"
+
+# Dense peak TFLOP/s per JAX device, per matmul kind. The first row whose pattern matches the
+# normalised device_kind wins (lower case, '-' and '_' as spaces), so variants come before the
+# generic name. Rows: (pattern, chip label, {kind: TFLOP/s}). Kinds: "bfloat16", "float16",
+# "tf32" (float32 inputs on tensor cores), "float32" (true float32 arithmetic).
+# A TPU v4 / v5p chip is one JAX device (megacore); v5e / v6e chips have one TensorCore.
+PEAK_TFLOPS: tuple[tuple[str, str, dict[str, float]], ...] = (
+    # cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16 per chip; device_kind "TPU v6 lite"
+    (r"\btpu v6( lite|e)\b", "TPU v6e", {"bfloat16": 918.0}),
+    # cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16 per chip; device_kind "TPU v5 lite"
+    (r"\btpu v5( lite|e)\b", "TPU v5e", {"bfloat16": 197.0}),
+    # cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16 per chip; device_kind "TPU v5" (or "TPU v5p")
+    (r"\btpu v5p?\b(?! lite)", "TPU v5p", {"bfloat16": 459.0}),
+    # cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16 per chip; not "TPU v4 lite" (v4i, no Cloud figure)
+    (r"\btpu v4\b(?! lite)", "TPU v4", {"bfloat16": 275.0}),
+    # NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100): NVL, PCIe and SXM columns,
+    # sparsity figures halved. H800 variants have the H100's compute; GH200 has the H100 SXM's.
+    (r"\bh[18]00\b.*\bnvl\b", "H100 NVL", {"bfloat16": 835.5, "float16": 835.5, "tf32": 417.5, "float32": 60.0}),
+    (r"\bh[18]00\b.*\bpcie\b", "H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "tf32": 378.0, "float32": 51.2}),
+    (r"\bh[18]00\b|\bgh200\b", "H100 SXM", {"bfloat16": 989.4, "float16": 989.4, "tf32": 494.7, "float32": 66.9}),
+    # NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200): NVL and SXM columns, sparsity halved
+    (r"\bh200\b.*\bnvl\b", "H200 NVL", {"bfloat16": 835.5, "float16": 835.5, "tf32": 417.5, "float32": 60.0}),
+    (r"\bh200\b", "H200 SXM", {"bfloat16": 989.4, "float16": 989.4, "tf32": 494.7, "float32": 66.9}),
+    # NVIDIA A100 datasheet (nvidia.com/en-us/data-center/a100): SXM4 and PCIe, 40 and 80 GB alike
+    (r"\ba[18]00\b", "A100", {"bfloat16": 312.0, "float16": 312.0, "tf32": 156.0, "float32": 19.5}),
+    # NVIDIA L40S, L4 and A10 datasheets (dense columns). AWS's A10G has no NVIDIA datasheet: unknown.
+    (r"\bl40s\b", "L40S", {"bfloat16": 362.05, "float16": 362.05, "tf32": 183.0, "float32": 91.6}),
+    (r"\bl4\b", "L4", {"bfloat16": 121.0, "float16": 121.0, "tf32": 60.0, "float32": 30.3}),
+    (r"\ba10\b", "A10", {"bfloat16": 125.0, "float16": 125.0, "tf32": 62.5, "float32": 31.2}),
+)
+
+
+@dataclass(frozen=True)
+class Peak:
+    """A peak in FLOP/s per device (None: unknown) and where it came from, printed beside MFU."""
+
+    flops: float | None
+    source: str
+
+
+def mfu(
+    flops_per_token: float, tokens_per_sec: float, n_devices: int, peak_flops_per_device: float | None
+) -> float | None:
+    """Model FLOPs utilisation as a fraction (0.5 = 50%); None when the peak is unknown.
+
+    Args:
+        flops_per_token: training FLOPs per token, forward + backward, from
+            `GPTConfig.flops_per_token(seq_len)` (FLOPS_FORMULA: 6N + 12·L·d·T, nanoGPT's estimate_mfu
+            after PaLM, Chowdhery et al. 2022, appendix B). It counts attention over the full T x T
+            square; MaxText halves that term for the causal mask, so its MFU reads a little lower.
+        tokens_per_sec: tokens processed per second by all devices together.
+        n_devices: devices sharing that work (jax.device_count()).
+        peak_flops_per_device: FLOP/s of one device, from `peak_flops()`; None or 0 = unknown.
+    Raises:
+        ValueError: n_devices < 1.
+    """
+    if n_devices < 1:
+        raise ValueError(f"n_devices={n_devices} must be >= 1")
+    if not peak_flops_per_device or peak_flops_per_device <= 0:
+        return None
+    return flops_per_token * tokens_per_sec / (n_devices * peak_flops_per_device)
+
+
+def _normalise(device_kind: str) -> str:
+    return " ".join(re.sub(r"[-_]", " ", device_kind.lower()).split())
+
+
+def _float32_kind(platform: str) -> str | None:
+    """What float32 matmuls really run as under `jax_default_matmul_precision`, or None if no
+    datasheet figure fits (several bf16 passes on TPU, explicit dot algorithms)."""
+    precision = jax.config.jax_default_matmul_precision
+    precision = None if precision is None else str(precision).lower()
+    fast = precision in (None, "default", "fastest", "bfloat16")
+    if platform == "tpu":
+        return "bfloat16" if fast else None  # "high"/"highest": 3 or 6 bf16 passes, no datasheet row
+    if fast or precision in ("high", "tensorfloat32"):
+        return "tf32"  # TF32 on Ampere and later (the only GPUs in the table)
+    if precision in ("highest", "float32"):
+        return "float32"
+    return None
+
+
+def peak_for_kind(device_kind: str, dtype: str, platform: str | None = None) -> Peak:
+    """Datasheet peak of one device named `device_kind` (jax.Device.device_kind, e.g.
+    "TPU v5 lite", "NVIDIA H100 80GB HBM3") for compute dtype `dtype` ("bfloat16", "float16",
+    "float32"); flops None with the reason when the table has no figure. `platform` ("tpu", "gpu")
+    picks how float32 matmuls run; None guesses it from the name."""
+    dtype = jnp.dtype(dtype).name
+    name = _normalise(device_kind)
+    platform = platform or ("tpu" if name.startswith("tpu") else "gpu")
+    kind = _float32_kind(platform) if dtype == "float32" else dtype
+    for pattern, label, peaks in PEAK_TFLOPS:
+        if re.search(pattern, name):
+            if kind not in peaks:
+                why = f"float32 at jax_default_matmul_precision={jax.config.jax_default_matmul_precision}"
+                return Peak(None, f"{label} has no {why if kind is None else kind} peak in the table")
+            what = "float32 as TF32" if dtype == "float32" and kind == "tf32" else kind
+            return Peak(peaks[kind] * 1e12, f"{label} datasheet, {what} dense")
+    return Peak(None, f"unknown device {device_kind!r}: set bench.peak_tflops for MFU")
+
+
+@functools.cache
+def _cpu_probe(dtype: str, device: jax.Device) -> float:
+    """Best FLOP/s of a jitted square matmul on `device`, sized to take ~0.15 s, over up to 6 runs
+    within about a second (other work on the same cores only ever slows a matmul down)."""
+    dot = jax.jit(jnp.dot)
+    n, seconds = 256, 0.0
+    for _ in range(4):  # grow n until one matmul takes ~0.15 s (each size compiles once)
+        a = jax.device_put(jax.random.normal(jax.random.key(0), (n, n), dtype), device)
+        dot(a, a).block_until_ready()  # compile, warm the thread pool
+        t0 = time.perf_counter()
+        dot(a, a).block_until_ready()
+        seconds = time.perf_counter() - t0
+        if seconds >= 0.08 or n >= 4096:
+            break
+        n = min(4096, max(n + 256, 256 * round(n * (0.15 / max(seconds, 1e-4)) ** (1 / 3) / 256)))
+    start = time.perf_counter()
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dot(a, a).block_until_ready()
+        seconds = min(seconds, time.perf_counter() - t0)
+        if time.perf_counter() - start > 1.0:
+            break
+    flops = 2 * n**3 / seconds
+    logging.info("CPU matmul probe: %.1f GFLOP/s (%s, %dx%d)", flops / 1e9, dtype, n, n)
+    return flops
+
+
+def cpu_peak_flops(dtype: str = "float32", device: jax.Device | None = None) -> float:
+    """Measured matmul FLOP/s of this host's CPU in `dtype`, split over its JAX CPU devices (with
+    --xla_force_host_platform_device_count=8 the 8 fake devices share one CPU, so n_devices x
+    this = the host's figure). Runs once per process and dtype (about a second), then cached."""
+    cpus = jax.local_devices(backend="cpu")
+    return _cpu_probe(jnp.dtype(dtype).name, device or cpus[0]) / len(cpus)
+
+
+def device_peak(device: jax.Device, dtype: str, override_tflops: float | None = None) -> Peak:
+    """Peak FLOP/s of one `device` for compute dtype `dtype`, with its source.
+
+    `override_tflops` (bench.peak_tflops) wins; a CPU is measured (`cpu_peak_flops`); accelerators
+    come from PEAK_TFLOPS by `device.device_kind`. flops is None when unknown.
+    """
+    if override_tflops:
+        return Peak(float(override_tflops) * 1e12, "given (bench.peak_tflops)")
+    if device.platform == "cpu":
+        dtype = jnp.dtype(dtype).name
+        return Peak(cpu_peak_flops(dtype), f"CPU matmul probe, {dtype}")
+    return peak_for_kind(device.device_kind, dtype, device.platform)
+
+
+def peak_flops(device: jax.Device, dtype: str, override_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of one device for `dtype` (see `device_peak`), or None (then warned once)."""
+    peak = device_peak(device, dtype, override_tflops)
+    if peak.flops is None or not math.isfinite(peak.flops):
+        _warn_once(peak.source)
+        return None
+    return peak.flops
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    logging.warning("MFU unknown: %s", reason)
