@@ -248,8 +248,8 @@ def _torch_available() -> bool:
 
 def _local_hint(name: str, cache_dir: str) -> str:
     return (f"point it at local weights: pass an HF GPT-2 folder path (config.json + {SAFETENSORS}), or set "
-            f"HF_HOME to a Hugging Face cache holding {HUB_ORG}/{name} (now {cache_dir}; fill one where there is "
-            f"internet with `hf download {HUB_ORG}/{name} config.json {SAFETENSORS}`)")
+            f"HF_HOME to a Hugging Face cache that holds {HUB_ORG}/{name} (looked in {cache_dir}; on a machine "
+            f"with internet, `hf download {HUB_ORG}/{name} config.json {SAFETENSORS}` fills one)")
 
 
 def _from_hub(name: str) -> tuple[Path, list[Path]]:
@@ -450,6 +450,9 @@ def load_pretrained(
         config_path, weight_paths = _from_hub(source)
     elif folder.exists():
         raise CheckpointError(f"{source} is a file: pass the HF folder that holds config.json and {SAFETENSORS}")
+    elif os.sep in source or source.startswith((".", "~")):
+        raise CheckpointError(f"no folder {source}: pass an HF GPT-2 folder (config.json + {SAFETENSORS}) or one "
+                              f"of the names {', '.join(GPT2_SIZES)}")
     else:
         raise CheckpointError(f"{source!r} is neither a GPT-2 name ({', '.join(GPT2_SIZES)}) nor a folder: pass one "
                               f"of those names or the path of an HF GPT-2 folder (config.json + {SAFETENSORS})")
@@ -515,6 +518,8 @@ def export_hf(
 
     `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` then computes the same logits.
     Scanned (stacked) params are split into layers; a model without biases gets zero biases.
+    No tokenizer files are written: GPT-2's BPE is HF's `AutoTokenizer.from_pretrained("gpt2")`.
+    Host memory: one float32 copy of the params (none more for float32 arrays on the CPU).
 
     Args:
         config: the model's GPTConfig (its layout: scan_layers, bias, vocab_size, block_size).

@@ -183,8 +183,9 @@ def test_named_model_from_offline_hub_cache(repo_folder, weights, hf_dir, hf_bin
 
 
 def test_unknown_name_says_how_to_point_at_local_weights(tmp_path):
-    for name in ("gpt3", str(tmp_path / "no-such-folder")):
-        with pytest.raises(CheckpointError, match=r"neither a GPT-2 name .* HF GPT-2 folder") as e:
+    for name, match in [("gpt3", r"'gpt3' is neither a GPT-2 name .* HF GPT-2 folder"),
+                        (str(tmp_path / "no-such-folder"), r"no folder .*no-such-folder: pass an HF GPT-2 folder")]:
+        with pytest.raises(CheckpointError, match=match) as e:
             load_pretrained(name)
         assert "\n" not in str(e.value)
 
