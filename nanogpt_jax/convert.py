@@ -408,6 +408,34 @@ def _sharding_leaves(shardings: Any, treedef: Any, scan_layers: bool) -> list[An
                          f"(scan_layers={scan_layers}): {treedef}") from None
 
 
+def _resolve(source: str) -> tuple[Path, list[Path]]:
+    """(config.json, weight files) of a GPT-2 name (HF cache or download) or a local HF folder."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return _from_folder(folder)
+    if source in GPT2_SIZES:
+        return _from_hub(source)
+    if folder.exists():
+        raise CheckpointError(f"{source} is a file: pass the HF folder that holds config.json and {SAFETENSORS}")
+    if os.sep in source or source.startswith((".", "~")):
+        raise CheckpointError(f"no folder {source}: pass an HF GPT-2 folder (config.json + {SAFETENSORS}) or one "
+                              f"of the names {', '.join(GPT2_SIZES)}")
+    raise CheckpointError(f"{source!r} is neither a GPT-2 name ({', '.join(GPT2_SIZES)}) nor a folder: pass one "
+                          f"of those names or the path of an HF GPT-2 folder (config.json + {SAFETENSORS})")
+
+
+def pretrained_config(name_or_path: str | os.PathLike, **overrides: Any) -> GPTConfig:
+    """The GPTConfig `load_pretrained(name_or_path, **overrides)` would build, from config.json
+    alone (fetched, but no weights read): what the trainer needs to compute shardings before
+    loading. Raises CheckpointError as load_pretrained does."""
+    source = os.fspath(name_or_path)
+    config_path, _ = _resolve(source)
+    try:
+        return hf_to_gpt_config(_read_json(config_path), **overrides)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
 def load_pretrained(
     name_or_path: str | os.PathLike,
     *,
@@ -443,19 +471,7 @@ def load_pretrained(
             block_size above n_positions. Checked from headers before any tensor is read.
     """
     source = os.fspath(name_or_path)
-    folder = Path(source).expanduser()
-    if folder.is_dir():
-        config_path, weight_paths = _from_folder(folder)
-    elif source in GPT2_SIZES:
-        config_path, weight_paths = _from_hub(source)
-    elif folder.exists():
-        raise CheckpointError(f"{source} is a file: pass the HF folder that holds config.json and {SAFETENSORS}")
-    elif os.sep in source or source.startswith((".", "~")):
-        raise CheckpointError(f"no folder {source}: pass an HF GPT-2 folder (config.json + {SAFETENSORS}) or one "
-                              f"of the names {', '.join(GPT2_SIZES)}")
-    else:
-        raise CheckpointError(f"{source!r} is neither a GPT-2 name ({', '.join(GPT2_SIZES)}) nor a folder: pass one "
-                              f"of those names or the path of an HF GPT-2 folder (config.json + {SAFETENSORS})")
+    config_path, weight_paths = _resolve(source)
     hf_config = _read_json(config_path)
     try:
         config = hf_to_gpt_config(hf_config, **overrides)

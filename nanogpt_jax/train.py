@@ -27,7 +27,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import data, metrics, sharding
+from nanogpt_jax import data, loggers, metrics, sharding
 from nanogpt_jax.checkpoint import Checkpointer
 from nanogpt_jax.errors import CheckpointError, ConfigError, UserError
 from nanogpt_jax.model import GPT, GPTConfig
@@ -185,9 +185,9 @@ def train(config: ConfigDict) -> dict:
         best_val = math.inf
     flops_per_token = gcfg.flops_per_token(T)
     peak = metrics.peak_flops(jax.devices()[0], gcfg.dtype, config.bench.peak_tflops)
-    logger = metrics.MetricLogger(out_dir, tensorboard=config.log.tensorboard, csv=config.log.csv,
+    logger = loggers.MetricLogger(out_dir, tensorboard=config.log.tensorboard, csv=config.log.csv,
                                   wandb_project=config.log.wandb_project, config=config.to_dict(),
-                                  resume_step=start if resumed else None)
+                                  resume_step=start if resumed else None, total_steps=max_iters)
     record_base = {"config": json.loads(config.to_json()), "model": asdict(gcfg), "data_dir": config.data.data_dir,
                    "tokenizer": dataset.meta.get("tokenizer")}
 
@@ -224,12 +224,11 @@ def train(config: ConfigDict) -> dict:
             tok_s = tokens_per_step / dt
             row = {"train/loss": m["loss"], "train/lr": m["lr"], "train/grad_norm": m["grad_norm"],
                    "train/ms_per_step": dt * 1e3, "train/tokens_per_sec": tok_s,
-                   "train/skipped_steps": m["n_skipped"]}
+                   "train/skipped": m["n_skipped"]}
             mfu = metrics.mfu(flops_per_token, tok_s, mesh.size, peak)
             if mfu is not None:
                 row["train/mfu"] = mfu
-            logger.log(step, row)
-            logging.info("%s", metrics.format_line(step, row))
+            logger.log(step, row)  # and a console line
 
     with _StopFlag() as stop:
         step = start
@@ -240,7 +239,6 @@ def train(config: ConfigDict) -> dict:
                 pending = None
                 losses = estimate_loss(eval_fn, state.params, eval_batches)
                 logger.log(step, {"train/eval_loss": losses["train"], "val/loss": losses["val"]})
-                logging.info("step %d: train loss %.4f, val loss %.4f", step, losses["train"], losses["val"])
                 last.update(val_loss=losses["val"], train_eval_loss=losses["train"])
                 improved = losses["val"] < best_val
                 if improved:

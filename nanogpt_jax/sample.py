@@ -1,0 +1,121 @@
+"""Sampling behind `python run_sample.py`: a model from init_from, a prompt, streamed text.
+
+init_from picks the weights: a GPT-2 name or HF folder (GPT-2's BPE), or `resume` (out_dir's
+latest or best checkpoint, with the tokenizer of the data it was trained on, from its meta.json).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from ml_collections import ConfigDict
+
+from nanogpt_jax import config as config_lib
+from nanogpt_jax import data, tokenizer
+from nanogpt_jax.checkpoint import Checkpointer
+from nanogpt_jax.errors import CheckpointError, ConfigError, UserError
+from nanogpt_jax.model import GPT, GPTConfig
+from nanogpt_jax.train import checkpoint_dir
+
+
+def load_model(config: ConfigDict) -> tuple[GPT, Any, tokenizer.Tokenizer, dict]:
+    """The model, its parameters (on the default device), its tokenizer and a description."""
+    init = config.init_from
+    dtype = config_lib.resolve_dtype(config.model.dtype)
+    options = {"dtype": dtype, "attention": config.model.attention}
+    if init == "scratch":
+        raise ConfigError("init_from='scratch': nothing to sample from; use resume (a training run's out_dir) "
+                          "or a GPT-2 name such as gpt2")
+    if init == "resume":
+        ckpt = Checkpointer(checkpoint_dir(config.out_dir), keep=1, async_save=False, read_only=True)
+        step = ckpt.best_step() if config.sample.checkpoint == "best" else ckpt.latest_step()
+        if step is None:
+            raise CheckpointError(f"init_from=resume: no {config.sample.checkpoint} checkpoint in {ckpt.directory}; "
+                                  "train first (run_train.py) or check --config.out_dir")
+        record = ckpt.record(step)
+        model = GPT(GPTConfig(**{**record["model"], **options, "dropout": 0.0, "remat": "none"}))
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                                jax.eval_shape(lambda: _init(model)))
+        params, record = ckpt.restore_params(abstract, step)
+        tok = data.tokenizer_for(record["data_dir"])
+        return model, params, tok, {"checkpoint": str(ckpt.directory), "step": step}
+    from nanogpt_jax import convert
+
+    model, params = convert.load_pretrained(init, **options, block_size=config.model.block_size)
+    if jax.default_backend() != "cpu" and dtype == "bfloat16":  # half the memory; sampling needs no fp32 master
+        params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    return model, params, tokenizer.gpt2(), {"pretrained": init}
+
+
+def _init(model: GPT) -> Any:
+    from nanogpt_jax.model import init_params
+
+    return init_params(model, jax.random.key(0))
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt text: the value itself, or the contents of FILE:path."""
+    if prompt.startswith("FILE:"):
+        path = Path(prompt[5:])
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"sample.prompt=FILE:{path}: cannot read it ({e.strerror})") from None
+    return prompt
+
+
+class _TextStream:
+    """Writes the text of a growing token list, holding back an incomplete UTF-8 character."""
+
+    def __init__(self, tok: tokenizer.Tokenizer, out: TextIO):
+        self.tok, self.out, self.ids, self.shown = tok, out, [], 0
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+            return
+        self.out.write(text[self.shown:])
+        self.out.flush()
+        self.shown = len(text)
+
+
+def sample(config: ConfigDict, out: TextIO | None = None) -> list[str]:
+    """Generate config.sample.num_samples continuations of the prompt as one batch.
+
+    The first sample streams to `out` (stdout) as it is generated; the others follow when the
+    batch is done. Returns the sampled texts (without the prompt).
+    """
+    out = out or sys.stdout
+    s = config.sample
+    model, params, tok, source = load_model(config)
+    prompt = read_prompt(s.prompt)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise UserError("sample.prompt is empty; give some text (for GPT-2, e.g. '\\n' or 'Once upon a time')")
+    logging.info("sampling %d x %d tokens from %s (%s, %.1fM parameters)", s.num_samples, s.max_new_tokens,
+                 source, model.config.dtype, model.num_params() / 1e6)
+    idx = jnp.asarray(np.tile(np.asarray(ids, np.int32), (s.num_samples, 1)))
+    lm = model.bind({"params": params})
+    rows: list[list[int]] = [[] for _ in range(s.num_samples)]
+    streamer = _TextStream(tok, out)
+    out.write(prompt)
+    for tokens_B in lm.stream(idx, s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                              rng=jax.random.key(s.seed), stop_token=tok.eot_token, vocab_limit=tok.n_vocab):
+        for row, t in zip(rows, tokens_B.tolist(), strict=True):
+            row.append(t)
+        if tok.eot_token is None or rows[0][-1] != tok.eot_token:
+            streamer.add(rows[0][-1])
+    texts = [tok.decode([t for t in row if t != tok.eot_token]) for row in rows]
+    out.write("\n")
+    for text in texts[1:]:
+        out.write("---------------\n" + prompt + text + "\n")
+    out.flush()
+    return texts
