@@ -117,6 +117,14 @@ def load_meta(data_dir: str | Path) -> dict:
     return meta
 
 
+def model_vocab_size(meta: dict) -> int:
+    """Embedding rows for a model trained on this data: GPT-2's 50,257 ids padded up to a multiple of 64
+    (50,304, nanoGPT's choice: faster matmuls; the extra rows are never targets), any other vocabulary as is
+    (nanoGPT uses meta.pkl's vocab_size for char data)."""
+    n = meta["vocab_size"]
+    return -(-n // 64) * 64 if meta["tokenizer"] == "gpt2" else n
+
+
 def tokenizer_for(data_dir: str | Path) -> tokenizers.Tokenizer:
     """The tokenizer the folder's data was prepared with (its meta.json, or nanoGPT's meta.pkl)."""
     return tokenizers.from_meta(load_meta(data_dir))
@@ -199,6 +207,11 @@ class Dataset:
             tokens = open_split(self.data_dir, name, self.meta)
             label = f"{self.data_dir / name}.bin"
             _check_length(tokens, block_size, label)
+            max_id = self.meta.get("splits", {}).get(name, {}).get("max_id")
+            if max_id is not None and max_id >= vocab:  # recorded by data_prep: exact and free
+                raise DataError(f"{label} holds token id {max_id} (meta.json's max_id), beyond the model's "
+                                f"vocab_size={vocab}; set model.vocab_size > {max_id} or use data prepared "
+                                "with the model's tokenizer")
             check_token_ids(tokens, vocab, label)
             self._splits[name] = tokens
         self._tokenizer: tokenizers.Tokenizer | None = None

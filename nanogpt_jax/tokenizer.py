@@ -75,7 +75,10 @@ class GPT2Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[np.ndarray]:
         """Ids of each text as uint32 arrays; tiktoken releases the GIL, so threads use several cores."""
-        ids = self._enc.encode_ordinary_batch(list(texts), num_threads=max(1, num_threads))
+        if num_threads <= 1:  # no thread pool to set up per call (worker processes use one thread each)
+            ids = [self._enc.encode_ordinary(t) for t in texts]
+        else:
+            ids = self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
         return [np.asarray(x, dtype=np.uint32) for x in ids]
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -314,7 +314,8 @@ def test_scripts_write_the_default_folder_and_fail_in_one_line(tmp_path, shakesp
     r = script("shakespeare_char", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for name in ("train.bin", "val.bin", "meta.json"):
-        assert (tmp_path / "data" / "shakespeare_char" / name).read_bytes() == (shakespeare_char_dir / name).read_bytes()
+        written = (tmp_path / "data" / "shakespeare_char" / name).read_bytes()
+        assert written == (shakespeare_char_dir / name).read_bytes()
     (tmp_path / "file").write_text("x")
     for name, args, message in [
         ("shakespeare", ["--out_dir", "file/sub"], "cannot write --out_dir file/sub: file is a file"),
@@ -325,3 +326,25 @@ def test_scripts_write_the_default_folder_and_fail_in_one_line(tmp_path, shakesp
         r = script(name, *args, cwd=tmp_path)
         assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith(f"error: {message}"), (name, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+# ---- the downloader ------------------------------------------------------------------------------
+
+
+def test_fetch_prefers_dest_then_mirror_then_url(tmp_path, monkeypatch):
+    from nanogpt_jax import download
+
+    dest = tmp_path / "a" / "input.txt"
+    assert download.fetch("tinyshakespeare/input.txt", "http://127.0.0.1:9/never", dest) == dest  # the mirror
+    assert dest.read_bytes() == SHAKESPEARE.read_bytes() and (dest.stat().st_mode & 0o777) == 0o644
+    dest.write_text("kept")
+    assert download.fetch("tinyshakespeare/input.txt", "http://127.0.0.1:9/never", dest).read_text() == "kept"
+    monkeypatch.delenv("NANOGPT_DATA_MIRROR")
+    src = tmp_path / "remote.txt"
+    src.write_text("from the url")
+    assert download.fetch("x/remote.txt", src.as_uri(), tmp_path / "b" / "r.txt").read_text() == "from the url"
+    monkeypatch.setenv("NANOGPT_DATA_MIRROR", str(tmp_path / "empty-mirror"))
+    with pytest.raises(DataError, match=r"cannot download http://127.0.0.1:9/x.txt \(.*\); offline, put the file "
+                                        r"at \$NANOGPT_DATA_MIRROR/d/x.txt") as e:
+        download.fetch("d/x.txt", "http://127.0.0.1:9/x.txt", tmp_path / "c" / "x.txt")
+    assert "\n" not in str(e.value) and list((tmp_path / "c").iterdir()) == []  # no partial file
