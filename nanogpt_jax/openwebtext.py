@@ -57,7 +57,7 @@ def _datasets():
 
 def load_documents(dataset: str = DEFAULT_DATASET, files: Sequence[str] = (), *, text_field: str = "text",
                    num_proc: int = 1):
-    """The documents as a `datasets.Dataset` with a `text_field` column.
+    """(documents, source): a `datasets.Dataset` with only the `text_field` column, and its description.
 
     Args:
       dataset: a hub id, or a folder written by `save_to_disk` (a DatasetDict's "train" split is used).
@@ -153,11 +153,14 @@ def _load_progress(work: Path, fingerprint: dict) -> dict:
     path = work / "progress.json"
     if path.is_file():
         state = json.loads(path.read_text())
-        if state.get("fingerprint") == fingerprint:
+        intact = all((work / f"{s}.bin").is_file() and (work / f"{s}.bin").stat().st_size >= 2 * v["tokens"]
+                     for s, v in state.get("splits", {}).items())
+        if state.get("fingerprint") == fingerprint and intact:
             logging.info("resuming: %s", ", ".join(f"{s} {v['shards_done']} shards done"
                                                    for s, v in state["splits"].items()))
             return state
-        logging.warning("%s holds an earlier run with other inputs or settings; starting over", work)
+        logging.warning("%s holds an earlier run with other inputs or settings, or damaged files; starting over",
+                        work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     return {"fingerprint": fingerprint, "splits": {}}
@@ -216,10 +219,14 @@ def prepare_openwebtext(out_dir: str | os.PathLike = "data/openwebtext", *, data
     logging.info("%s: %s train and %s val documents, %d processes", source, f"{len(splits['train']):,}",
                  f"{len(splits['val']):,}", num_proc)
     stats = {}
-    with worker_pool(num_proc) as run, tqdm(total=len(ds), unit="doc", desc="tokenizing", smoothing=0.05) as bar:
-        for split in ("val", "train"):  # val first: small
-            stats[split] = _write_split(split, splits[split], text_field, work, state, shard_docs=shard_docs,
-                                        run=run, bar=bar)
+    try:
+        with worker_pool(num_proc) as run, tqdm(total=len(ds), unit="doc", desc="tokenizing", smoothing=0.05) as bar:
+            for split in ("val", "train"):  # val first: small
+                stats[split] = _write_split(split, splits[split], text_field, work, state, shard_docs=shard_docs,
+                                            run=run, bar=bar)
+    except BaseException:
+        logging.warning("stopped; the finished shards are kept in %s: run the same command again to resume", work)
+        raise
     for split in ("train", "val"):
         os.replace(work / f"{split}.bin", prepare.partial_path(out, split))
     meta = prepare.commit(out, tokenizers.gpt2(), {s: stats[s] for s in ("train", "val")},

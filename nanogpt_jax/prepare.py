@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags, logging
+from tqdm import tqdm
 
 from nanogpt_jax import download
 from nanogpt_jax import tokenizer as tokenizers
@@ -283,22 +284,31 @@ def prepare_text(files: Sequence[Path], out_dir: str | os.PathLike, *, tokenizer
     cut = gpt2_safe_cut if tokenizer == "gpt2" else len
     threads = num_threads or os.cpu_count() or 1
     logging.info("tokenizing %d file(s), %s characters, with %s", len(files), f"{total:,}", tok.name)
+    created = not out.exists()
     make_out_dir(out)
     writers = {s: BinWriter(partial_path(out, s), dtype) for s in SPLITS}
     eot_ids = np.array([tok.eot_token or 0], dtype=np.uint32)
+    done = False
     try:
         pieces = split_pieces(documents(files, per_line), split_at, eot and tok.eot_token is not None, cut)
-        for group in _batched(pieces, 2 * threads):  # bounded: a few pieces' token lists at a time
-            encoded = iter(tok.encode_batch([t for _, t in group if t is not None], num_threads=threads))
-            for split, text in group:
-                writers[split].write(eot_ids if text is None else next(encoded))
+        with tqdm(total=total, unit="char", unit_scale=True, desc="tokenizing", disable=total < 1 << 24) as bar:
+            for group in _batched(pieces, 2 * threads):  # bounded: a few pieces' token lists at a time
+                texts = [t for _, t in group if t is not None]
+                encoded = iter(tok.encode_batch(texts, num_threads=threads))
+                for split, text in group:
+                    writers[split].write(eot_ids if text is None else next(encoded))
+                bar.update(sum(map(len, texts)))
         for w in writers.values():
             w.close()
-        return commit(out, tok, {s: {"tokens": w.tokens, "max_id": w.max_id} for s, w in writers.items()}, source)
+        meta = commit(out, tok, {s: {"tokens": w.tokens, "max_id": w.max_id} for s, w in writers.items()}, source)
+        done = True
+        return meta
     finally:
         for s, w in writers.items():
             w.close()
             partial_path(out, s).unlink(missing_ok=True)
+        if created and not done and not any(out.iterdir()):
+            out.rmdir()  # nothing written
 
 
 def _batched(items: Iterable, n: int) -> Iterator[list]:

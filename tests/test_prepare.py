@@ -150,6 +150,7 @@ def test_text_bad_inputs_write_nothing(tmp_path):
     (tmp_path / "ok.txt").write_text("some text " * 100)
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9 ".encode("latin-1") * 10)
     (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "one.txt").write_text("x")
     out = tmp_path / "out"
     cases = [
         (["missing.txt"], {}, "input 'missing.txt' matches no file"),
@@ -157,6 +158,7 @@ def test_text_bad_inputs_write_nothing(tmp_path):
         ([], {}, "no input files given"),
         ([str(tmp_path / "ok.txt"), str(tmp_path / "latin1.txt")], {}, "latin1.txt is not UTF-8 text"),
         ([str(tmp_path / "empty.txt")], {}, "the input has no text"),
+        ([str(tmp_path / "one.txt")], {}, "the train split came out empty"),
         ([str(tmp_path / "ok.txt")], {"tokenizer": "bpe"}, "unknown tokenizer 'bpe'"),
         ([str(tmp_path / "ok.txt")], {"tokenizer": "char", "per_line": True}, "--per_line needs --tokenizer gpt2"),
         ([str(tmp_path / "ok.txt")], {"val_fraction": 1.0}, "--val_fraction=1.0 must lie strictly between"),
@@ -261,15 +263,31 @@ def test_openwebtext_resumes_after_an_interruption(saved, tmp_path, monkeypatch)
     assert listing(out) == ["meta.json", "train.bin", "val.bin"]
 
 
-def test_openwebtext_changed_settings_start_over(saved, tmp_path, monkeypatch):
-    real = openwebtext.encode_documents
-    monkeypatch.setattr(openwebtext, "encode_documents", lambda t: (_ for _ in ()).throw(KeyboardInterrupt))
+def test_openwebtext_changed_settings_or_damaged_files_start_over(saved, tmp_path, monkeypatch):
+    real, calls = openwebtext.encode_documents, []
+
+    def interrupted(texts):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(texts)
+
+    monkeypatch.setattr(openwebtext, "encode_documents", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        owt(saved, tmp_path / "out")
+        owt(saved, tmp_path / "out")  # val and one train shard done
+    os.truncate(tmp_path / "out" / openwebtext.WORK_DIR / "train.bin", 10)  # damaged behind our back
     monkeypatch.setattr(openwebtext, "encode_documents", real)
-    owt(saved, tmp_path / "out", shard_docs=25, test_size=0.1)
-    for split, expected in nanogpt_owt(DOCS, 0.1).items():
+    owt(saved, tmp_path / "out")
+    for split, expected in nanogpt_owt(DOCS, 0.05).items():
         assert (tmp_path / "out" / f"{split}.bin").read_bytes() == expected
+    calls.clear()
+    monkeypatch.setattr(openwebtext, "encode_documents", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        owt(saved, tmp_path / "out2")
+    monkeypatch.setattr(openwebtext, "encode_documents", real)
+    owt(saved, tmp_path / "out2", shard_docs=25, test_size=0.1)  # other settings
+    for split, expected in nanogpt_owt(DOCS, 0.1).items():
+        assert (tmp_path / "out2" / f"{split}.bin").read_bytes() == expected
 
 
 def test_openwebtext_local_files(tmp_path):
