@@ -152,9 +152,12 @@ def _load_progress(work: Path, fingerprint: dict) -> dict:
     """The record of an interrupted run with the same inputs and settings, else a fresh start."""
     path = work / "progress.json"
     if path.is_file():
-        state = json.loads(path.read_text())
-        intact = all((work / f"{s}.bin").is_file() and (work / f"{s}.bin").stat().st_size >= 2 * v["tokens"]
-                     for s, v in state.get("splits", {}).items())
+        try:
+            state = json.loads(path.read_text())
+            intact = all((work / f"{s}.bin").is_file() and (work / f"{s}.bin").stat().st_size >= 2 * v["tokens"]
+                         for s, v in state["splits"].items())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            state, intact = {}, False
         if state.get("fingerprint") == fingerprint and intact:
             logging.info("resuming: %s", ", ".join(f"{s} {v['shards_done']} shards done"
                                                    for s, v in state["splits"].items()))
