@@ -245,8 +245,8 @@ def split_pieces(docs: Iterable[str | None], split_at: int, eot: bool,
                 yield "train", None
             split, buf, doc_chars = "val", "", 0
         buf, pos, doc_chars = buf + text, pos + len(text), doc_chars + len(text)
-        while len(buf) >= PIECE_CHARS and (j := cut(buf)):
-            yield split, buf[:j]
+        while len(buf) >= PIECE_CHARS and (j := cut(buf[:PIECE_CHARS]) or cut(buf)):
+            yield split, buf[:j]  # at most PIECE_CHARS, unless the text offers no cut that early
             buf = buf[j:]
     if buf:
         yield split, buf

@@ -5,9 +5,11 @@
 1. prepare: data_prep/openwebtext.py's pipeline (nanogpt_jax.openwebtext) on a synthetic English-like
    corpus saved as a local Hugging Face dataset of ~4 kB documents, each run in a fresh process:
    tokens/s with 1 and 2 worker processes, and peak memory at two corpus sizes (flat = streaming).
-   Memory is the main process's peak RSS (VmHWM; it includes pages of the memory-mapped arrow files,
-   which the kernel can drop at will), its peak anonymous RSS (RssAnon, sampled every 10 ms: what the
-   process itself holds), and the largest worker's peak RSS.
+   Memory is the main process's peak RSS (VmHWM), split into its peak anonymous part (RssAnon, sampled
+   every 10 ms: what the process itself allocates) and its file-backed part (RssFile: mostly pages of
+   the memory-mapped arrow corpus; reading shuffled documents maps page cache from all over the file,
+   up to its size, but those pages are clean and the kernel drops them under memory pressure), and the
+   largest worker's peak RSS.
 2. loader: TrainBatches at B=12, T=1024 (nanoGPT's GPT-2 micro-batch) over a memory-mapped .bin held in
    the page cache: batches/s and host milliseconds per batch for the numpy part (`local`) and with the
    copy to the default device (`global_`), and for a whole nanoGPT OpenWebText step (40 micro-steps).
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-_CORPUS_MB = flags.DEFINE_list("corpus_mb", ["8", "32"], "Synthetic corpus sizes in MB for the prepare runs.")
+_CORPUS_MB = flags.DEFINE_list("corpus_mb", ["16", "64"], "Synthetic corpus sizes in MB for the prepare runs.")
 _LOADER_TOKENS = flags.DEFINE_integer("loader_tokens", 1 << 26, "Tokens in the loader's .bin file (uint16).")
 _RSS_BATCHES = flags.DEFINE_integer("rss_batches", 30_000, "Batches read in the resident-memory runs.")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
@@ -62,14 +64,15 @@ def make_corpus(folder: Path, mb: float) -> int:
 PREPARE_CHILD = r"""
 import json, resource, sys, threading, time
 from pathlib import Path
-peak = {"anon": 0}
+peak = {"RssAnon": 0, "RssFile": 0}
 def status(key):
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
 def sample(stop):
     while not stop.wait(0.01):
-        peak["anon"] = max(peak["anon"], status("RssAnon"))
+        for key in peak:
+            peak[key] = max(peak[key], status(key))
 stop = threading.Event()
 threading.Thread(target=sample, args=(stop,), daemon=True).start()
 from nanogpt_jax import openwebtext
@@ -79,7 +82,8 @@ meta = openwebtext.prepare_openwebtext(sys.argv[2], dataset=sys.argv[1], num_pro
 seconds = time.perf_counter() - t0
 stop.set()
 print(json.dumps({"seconds": seconds, "tokens": sum(s["tokens"] for s in meta["splits"].values()),
-                  "peak_rss_mb": status("VmHWM"), "peak_anon_mb": max(peak["anon"], status("RssAnon")),
+                  "peak_rss_mb": status("VmHWM"), "peak_anon_mb": max(peak["RssAnon"], status("RssAnon")),
+                  "peak_file_mb": max(peak["RssFile"], status("RssFile")),
                   "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
 
@@ -158,7 +162,7 @@ def main(argv: list[str]) -> None:
         for mb in sizes:
             corpus = tmp / f"corpus-{mb}"
             docs = make_corpus(corpus, mb)
-            for num_proc in ((1, 2) if mb == sizes[0] else (2,)):
+            for num_proc in ((1, 2) if mb == sizes[-1] else (2,)):
                 prep.append({**bench_prepare(corpus, mb, num_proc, tmp), "docs": docs})
                 print("prepare", json.dumps(prep[-1]), flush=True)
         report["prepare"] = prep
@@ -181,10 +185,13 @@ def main(argv: list[str]) -> None:
     print()
     print(f"prepare (openwebtext pipeline, synthetic corpus; {os.cpu_count()} CPUs, shared machine)")
     print(f"{'corpus MB':>9} {'procs':>5} {'tokens':>11} {'tokens/s':>10} {'peak RSS MB':>11} "
-          f"{'peak anon MB':>12} {'worker RSS MB':>13}")
+          f"{'peak anon MB':>12} {'peak file MB':>12} {'worker RSS MB':>13}")
     for r in prep:
         print(f"{r['corpus_mb']:>9.0f} {r['num_proc']:>5} {r['tokens']:>11,} {r['tokens_per_s']:>10,.0f} "
-              f"{r['peak_rss_mb']:>11.0f} {r['peak_anon_mb']:>12.0f} {r['worker_peak_rss_mb']:>13.0f}")
+              f"{r['peak_rss_mb']:>11.0f} {r['peak_anon_mb']:>12.0f} {r['peak_file_mb']:>12.0f} "
+              f"{r['worker_peak_rss_mb']:>13.0f}")
+    print("  (peak file MB: pages of the memory-mapped arrow corpus and libraries that the kernel maps in;"
+          " clean page cache, dropped under memory pressure)")
     print("\nloader (TrainBatches, B=12, T=1024, page-cached .bin)")
     for r in report["loader"]:
         print(f"  grad_accum={r['grad_accum']:>2}: local {r['local_batches_per_s']:8.0f} batches/s "
