@@ -1,10 +1,12 @@
 """Data benchmark: prepare throughput and peak memory, loader speed, and resident memory over a long run.
 
-    python -m nanogpt_jax.bench.data [--corpus_mb 8,32] [--loader_tokens 67108864] [--rss_batches 30000]
+    python -m nanogpt_jax.bench.data [--corpus_mb 16,64] [--loader_tokens 67108864] [--rss_batches 30000]
 
 1. prepare: data_prep/openwebtext.py's pipeline (nanogpt_jax.openwebtext) on a synthetic English-like
    corpus saved as a local Hugging Face dataset of ~4 kB documents, each run in a fresh process:
-   tokens/s with 1 and 2 worker processes, and peak memory at two corpus sizes (flat = streaming).
+   tokens/s (wall clock, start-up included) with 1 and 2 worker processes, the CPU seconds of the main
+   process and its workers (comparable when other jobs share the machine), and peak memory at two
+   corpus sizes (flat = streaming).
    Memory is the main process's peak RSS (VmHWM), split into its peak anonymous part (RssAnon, sampled
    every 10 ms: what the process itself allocates) and its file-backed part (RssFile: mostly pages of
    the memory-mapped arrow corpus; reading shuffled documents maps page cache from all over the file,
@@ -81,7 +83,8 @@ meta = openwebtext.prepare_openwebtext(sys.argv[2], dataset=sys.argv[1], num_pro
                                        test_size=0.005)
 seconds = time.perf_counter() - t0
 stop.set()
-print(json.dumps({"seconds": seconds, "tokens": sum(s["tokens"] for s in meta["splits"].values()),
+cpu = sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "tokens": sum(s["tokens"] for s in meta["splits"].values()),
                   "peak_rss_mb": status("VmHWM"), "peak_anon_mb": max(peak["RssAnon"], status("RssAnon")),
                   "peak_file_mb": max(peak["RssFile"], status("RssFile")),
                   "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
@@ -184,10 +187,11 @@ def main(argv: list[str]) -> None:
 
     print()
     print(f"prepare (openwebtext pipeline, synthetic corpus; {os.cpu_count()} CPUs, shared machine)")
-    print(f"{'corpus MB':>9} {'procs':>5} {'tokens':>11} {'tokens/s':>10} {'peak RSS MB':>11} "
+    print(f"{'corpus MB':>9} {'procs':>5} {'tokens':>11} {'tokens/s':>10} {'CPU s':>6} {'peak RSS MB':>11} "
           f"{'peak anon MB':>12} {'peak file MB':>12} {'worker RSS MB':>13}")
     for r in prep:
         print(f"{r['corpus_mb']:>9.0f} {r['num_proc']:>5} {r['tokens']:>11,} {r['tokens_per_s']:>10,.0f} "
+              f"{r['cpu_seconds']:>6.1f} "
               f"{r['peak_rss_mb']:>11.0f} {r['peak_anon_mb']:>12.0f} {r['peak_file_mb']:>12.0f} "
               f"{r['worker_peak_rss_mb']:>13.0f}")
     print("  (peak file MB: pages of the memory-mapped arrow corpus and libraries that the kernel maps in;"
