@@ -10,7 +10,9 @@ is ordinary text: every document contributes exactly one 50256. Here, in additio
   or local data files (`files`: .jsonl/.json/.parquet/.arrow/.csv, or .txt with one document per file).
 - Bounded memory: the main process reads a few tasks of documents at a time, worker processes
   (`num_proc`) return their uint16 tokens, and the main process appends them in order. Nothing holds
-  the corpus; the shuffled split's indices live in files beside the output.
+  the corpus; the shuffled split's indices live in files beside the output. (The arrow files are
+  memory-mapped by `datasets`: the page cache they occupy shows in RSS as file-backed pages, clean
+  and reclaimable; `python -m nanogpt_jax.bench.data` reports that part apart.)
 - Resumable: each split is written in shards of `shard_docs` documents into a hidden work folder;
   after each shard the file is synced and `progress.json` records it. Run the same command after an
   interruption and the finished shards are kept (the unfinished one is cut off and redone), giving

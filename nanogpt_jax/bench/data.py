@@ -8,10 +8,11 @@
    process and its workers (comparable when other jobs share the machine), and peak memory at two
    corpus sizes (flat = streaming).
    Memory is the main process's peak RSS (VmHWM), split into its peak anonymous part (RssAnon, sampled
-   every 10 ms: what the process itself allocates) and its file-backed part (RssFile: mostly pages of
-   the memory-mapped arrow corpus; reading shuffled documents maps page cache from all over the file,
-   up to its size, but those pages are clean and the kernel drops them under memory pressure), and the
-   largest worker's peak RSS.
+   every 10 ms: what the process itself allocates) and its file-backed part (RssFile: shared libraries
+   and pages of the memory-mapped arrow corpus; each shuffled document read maps the page cache around
+   it, ~1 MB with large folios, so this part tends to the corpus size, but the pages are clean cache
+   that the kernel drops under memory pressure; reopening the dataset cannot bound it below ~1 MB per
+   document read), and the largest worker's peak RSS.
 2. loader: TrainBatches at B=12, T=1024 (nanoGPT's GPT-2 micro-batch) over a memory-mapped .bin held in
    the page cache: batches/s and host milliseconds per batch for the numpy part (`local`) and with the
    copy to the default device (`global_`), and for a whole nanoGPT OpenWebText step (40 micro-steps).
@@ -194,8 +195,8 @@ def main(argv: list[str]) -> None:
               f"{r['cpu_seconds']:>6.1f} "
               f"{r['peak_rss_mb']:>11.0f} {r['peak_anon_mb']:>12.0f} {r['peak_file_mb']:>12.0f} "
               f"{r['worker_peak_rss_mb']:>13.0f}")
-    print("  (peak file MB: pages of the memory-mapped arrow corpus and libraries that the kernel maps in;"
-          " clean page cache, dropped under memory pressure)")
+    print("  (peak file MB: libraries and page cache of the memory-mapped arrow corpus, up to its size;"
+          " clean, dropped under memory pressure)")
     print("\nloader (TrainBatches, B=12, T=1024, page-cached .bin)")
     for r in report["loader"]:
         print(f"  grad_accum={r['grad_accum']:>2}: local {r['local_batches_per_s']:8.0f} batches/s "
