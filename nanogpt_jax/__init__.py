@@ -1,12 +1,18 @@
 """nanogpt_jax: GPT-2-class language models in JAX/Flax. See README.md."""
 
-from nanogpt_jax.model import GPT, GPTConfig, KVCache, crop_block_size, init_params, lm_loss, token_losses
-
 __all__ = ["GPT", "GPTConfig", "KVCache", "crop_block_size", "init_params", "lm_loss", "token_losses",
            "load_pretrained", "export_hf"]
 
+_MODEL_NAMES = ("GPT", "GPTConfig", "KVCache", "crop_block_size", "init_params", "lm_loss", "token_losses")
 
-def __getattr__(name):  # the HF converter is imported on first use (it pulls in huggingface_hub)
+
+def __getattr__(name):
+    # Imported on first use: data_prep/ scripts import nanogpt_jax.prepare and need neither jax nor
+    # flax (2 s of start-up), and the HF converter pulls in huggingface_hub.
+    if name in _MODEL_NAMES:
+        from nanogpt_jax import model
+
+        return getattr(model, name)
     if name in ("load_pretrained", "export_hf"):
         from nanogpt_jax import convert
 
