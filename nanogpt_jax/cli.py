@@ -15,25 +15,16 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable
-from typing import NoReturn
 
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from nanogpt_jax.config import validate
-from nanogpt_jax.errors import UserError
+from nanogpt_jax.errors import UserError, fail
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/owt.py or configs/owt.py:gpt2-medium; override keys with "
     "--config.key=value.", lock_config=True)
-
-
-def fail(message: str) -> NoReturn:
-    """Print `error: message` on one line to stderr and exit with status 1."""
-    message = " ".join(str(message).split())  # one line, whatever the source
-    sys.stderr.write(f"error: {message}\n")
-    sys.stderr.flush()
-    raise SystemExit(1)
 
 
 def _flag_error_message(e: BaseException) -> str:

@@ -6,6 +6,8 @@ one line and exit with status 1, without a traceback (see `nanogpt_jax.cli`). An
 bug and keeps its traceback.
 """
 
+from typing import NoReturn
+
 
 class UserError(Exception):
     """A problem with the user's input; the message names the problem and the fix."""
@@ -21,3 +23,12 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A missing, truncated or incompatible checkpoint or weights file."""
+
+
+def fail(message: str) -> NoReturn:
+    """Print `error: message` on one line to stderr and exit with status 1 (no traceback)."""
+    import sys
+
+    sys.stderr.write("error: " + " ".join(str(message).split()) + "\n")
+    sys.stderr.flush()
+    raise SystemExit(1)

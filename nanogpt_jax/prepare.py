@@ -25,7 +25,6 @@ import glob
 import json
 import os
 import re
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 from nanogpt_jax import download
 from nanogpt_jax import tokenizer as tokenizers
-from nanogpt_jax.errors import DataError, UserError
+from nanogpt_jax.errors import DataError, UserError, fail
 
 FORMAT = "nanogpt_jax.bins/1"
 SPLITS = ("train", "val")
@@ -352,18 +351,11 @@ def text(inputs: Sequence[str], out_dir: str | os.PathLike = "data/text", *, tok
 # ---- the scripts' entry point --------------------------------------------------------------------
 
 
-def _fail(message: str) -> None:
-    """One line on stderr and exit status 1 (the same format as nanogpt_jax.cli.fail)."""
-    sys.stderr.write("error: " + " ".join(str(message).split()) + "\n")
-    sys.stderr.flush()
-    raise SystemExit(1)
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 def run_script(fn: Callable[[], object]) -> None:
@@ -371,13 +363,13 @@ def run_script(fn: Callable[[], object]) -> None:
 
     def _main(argv: list[str]) -> None:
         if len(argv) > 1:
-            _fail(f"unexpected arguments {' '.join(argv[1:])!r}; pass settings as --flag=value (see --help)")
+            fail(f"unexpected arguments {' '.join(argv[1:])!r}; pass settings as --flag=value (see --help)")
         logging.set_verbosity(logging.INFO)
         try:
             fn()
         except UserError as e:
-            _fail(str(e))
+            fail(str(e))
         except KeyboardInterrupt:
-            _fail("interrupted")
+            fail("interrupted")
 
     app.run(_main, flags_parser=_parse_flags)

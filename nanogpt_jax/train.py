@@ -48,7 +48,8 @@ def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"out_dir={str(path)!r} is not writable ({e.strerror}); choose another --config.out_dir") from None
+        raise UserError(f"out_dir={str(path)!r} is not writable ({e.strerror}); choose another "
+                        "--config.out_dir") from None
     return path
 
 
@@ -230,9 +231,8 @@ def train(config: ConfigDict) -> dict:
                 row["train/mfu"] = mfu
             logger.log(step, row)  # and a console line
 
-    with _StopFlag() as stop:
+    with _StopFlag() as stop, batches.prefetch(start, max_iters) as prefetch:
         step = start
-        prefetch = batches.prefetch(start, max_iters)
         while True:
             if step % config.train.eval_interval == 0 or step == max_iters:
                 read_back(pending)

@@ -41,3 +41,41 @@ def tiny_config() -> GPTConfig:
 @pytest.fixture(scope="session")
 def tiny_params(tiny_config):
     return init_params(GPT(tiny_config), jax.random.key(0))
+
+
+def write_token_data(folder, vocab_size: int = 64, n_train: int = 20_000, n_val: int = 4_000, seed: int = 0):
+    """A learnable dataset in the prepared format (train.bin, val.bin, meta.json with a char vocab):
+    a random walk over a small vocabulary, so a tiny model's loss falls within a few dozen steps."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        tokens = (np.cumsum(rng.choice([-1, 1, 2], size=n)) % vocab_size).astype(np.uint16)
+        tokens.tofile(folder / f"{split}.bin")
+        splits[split] = {"tokens": int(n), "max_id": int(tokens.max())}
+    chars = [chr(0x41 + i) for i in range(vocab_size)]
+    meta = {"format": "nanogpt_jax/1", "tokenizer": "char", "vocab_size": vocab_size, "dtype": "uint16",
+            "eot_token": None, "chars": chars, "splits": splits, "source": "synthetic test data"}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def token_data(tmp_path_factory):
+    return write_token_data(tmp_path_factory.mktemp("tokens"))
+
+
+def tiny_run_config(data_dir, out_dir, **overrides):
+    """configs/tiny.py pointed at `data_dir` / `out_dir`, with dotted-key overrides."""
+    from configs import tiny
+
+    c = tiny.get_config()
+    c.data.data_dir, c.out_dir = str(data_dir), str(out_dir)
+    for key, value in overrides.items():
+        section, _, leaf = key.rpartition(".")
+        (c[section] if section else c)[leaf] = value
+    return c

@@ -1,0 +1,233 @@
+"""The training run end to end: learning, files, exact resume, signals, NaN safety, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, tiny_run_config
+
+from nanogpt_jax import loggers, step
+from nanogpt_jax.checkpoint import Checkpointer
+from nanogpt_jax.errors import CheckpointError, ConfigError, DataError, UserError
+from nanogpt_jax.train import checkpoint_dir, train
+
+
+def cli_env(devices: int = 8) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def run_train_cli(*args, devices=8, **kwargs):
+    return subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--config", str(ROOT / "configs/tiny.py"),
+                           *args], cwd=ROOT, env=cli_env(devices), capture_output=True, text=True, **kwargs)
+
+
+def cli_args(data_dir, out_dir, **overrides) -> list[str]:
+    items = {"data.data_dir": data_dir, "out_dir": out_dir, **overrides}
+    return [f"--config.{k}={v}" for k, v in items.items()]
+
+
+def restore_params(out_dir, step_=None):
+    ckpt = Checkpointer(checkpoint_dir(out_dir), keep=2)
+    s = step_ if step_ is not None else ckpt.latest_step()
+    record = ckpt.record(s)
+    from nanogpt_jax.model import GPT, GPTConfig, init_params
+
+    model = GPT(GPTConfig(**record["model"]))
+    abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    params, _ = ckpt.restore_params(abstract, s)
+    ckpt.close()
+    return jax.tree.map(np.asarray, params)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(token_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    summary = train(tiny_run_config(token_data, out))
+    return out, summary
+
+
+def test_tiny_run_learns_and_writes_its_files(tiny_run):
+    out, summary = tiny_run
+    metrics = loggers.read_metrics(out)
+    val = [v for v in metrics["val/loss"] if v is not None]
+    assert len(val) == 3 and val[-1] < val[0] - 0.5, val  # evaluated at 0, 10, 20; it learns
+    assert summary["iterations"] == 20 and summary["val_loss"] == pytest.approx(val[-1])
+    assert summary["compilations"] == 1  # the step traced once
+    assert set(summary) >= {"train_loss", "best_val_loss", "ms_per_step", "tokens_per_sec", "mfu", "wall_seconds",
+                            "peak_device_memory_bytes", "flops_formula"}
+    assert json.loads((out / "summary.json").read_text())["iterations"] == 20
+    ckpt = Checkpointer(checkpoint_dir(out), keep=2)
+    assert ckpt.latest_step() == 20
+    record = ckpt.record(20)
+    assert record["model"]["n_layer"] == 2 and record["data_dir"] and record["val_loss"] == pytest.approx(val[-1])
+    ckpt.close()
+
+
+def test_tensorboard_events_read_back(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = tiny_run
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "val/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec"} <= set(tags)
+    assert [e.step for e in acc.Scalars("val/loss")] == [0, 10, 20]
+
+
+def test_resume_in_process_is_bit_identical(token_data, tmp_path, tiny_run):
+    ref_out, _ = tiny_run
+    out = tmp_path / "resumed"
+    train(tiny_run_config(token_data, out, **{"train.max_iters": 10}))
+    train(tiny_run_config(token_data, out, **{"init_from": "resume"}))
+    for a, b in zip(jax.tree.leaves(restore_params(out)), jax.tree.leaves(restore_params(ref_out)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert loggers.read_metrics(out)["train/loss"] == loggers.read_metrics(ref_out)["train/loss"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(token_data, tmp_path, tiny_run):
+    ref_out, _ = tiny_run
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_train.py"), "--config", str(ROOT / "configs/tiny.py"),
+                             *cli_args(token_data, out)], cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (checkpoint_dir(out) / "10").is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = run_train_cli(*cli_args(token_data, out, init_from="resume"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    for a, b in zip(jax.tree.leaves(restore_params(out)), jax.tree.leaves(restore_params(ref_out)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert loggers.read_metrics(out)["train/loss"] == loggers.read_metrics(ref_out)["train/loss"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero(token_data, tmp_path):
+    out = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_train.py"), "--config", str(ROOT / "configs/tiny.py"),
+                             *cli_args(token_data, out, **{"train.max_iters": 100_000, "train.eval_interval": 50_000,
+                                                           "train.log_interval": 1})],
+                            cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        rows = loggers.read_metrics(out).get("train/loss", []) if (out / "metrics.csv").exists() else []
+        if len(rows) >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by_signal"] and summary["iterations"] >= 3
+    ckpt = Checkpointer(checkpoint_dir(out), keep=2)
+    assert ckpt.latest_step() == summary["iterations"]  # saved where it stopped
+    ckpt.close()
+
+
+def test_nan_never_reaches_a_checkpoint(token_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(step, "lm_loss", lambda logits, targets: jax.numpy.float32(float("nan")) * logits.sum())
+    out = tmp_path / "nan"
+    with pytest.raises(UserError, match=r"3 steps in a row up to step 2 had a non-finite loss"):
+        train(tiny_run_config(token_data, out, **{"train.max_skipped": 3, "train.eval_interval": 2}))
+    ckpt = Checkpointer(checkpoint_dir(out), keep=2)
+    assert ckpt.latest_step() == 2  # saved at the evaluation of step 2, before step 2 ran
+    ckpt.close()
+    for s in (0, 2):  # every update was skipped: what was saved is the untouched initial weights
+        assert all(np.isfinite(p).all() for p in jax.tree.leaves(restore_params(out, s)))
+
+
+@pytest.mark.slow
+def test_checkpoint_from_8_devices_resumes_on_1(token_data, tmp_path):
+    out = tmp_path / "fsdp8"
+    train(tiny_run_config(token_data, out, **{"train.max_iters": 10, "mesh.data": 1, "mesh.fsdp": 8}))
+    saved = Checkpointer(checkpoint_dir(out), keep=2).record(10)["val_loss"]
+    done = run_train_cli(*cli_args(token_data, out, init_from="resume", **{"train.max_iters": 12}), devices=1)
+    assert done.returncode == 0, done.stderr[-2000:]
+    val = loggers.read_metrics(out)["val/loss"]
+    steps = loggers.read_metrics(out)["step"]
+    assert val[steps.index(10)] == pytest.approx(saved, abs=1e-5)  # same weights, re-evaluated on 1 device
+
+
+@pytest.mark.parametrize("overrides,error,message", [
+    ({"train.batch_size": 12}, ConfigError, r"train.batch_size=12: must be divisible by mesh.data x mesh.fsdp = 8"),
+    ({"mesh.data": 3}, ConfigError, r"mesh: data=3 x fsdp=1 x tensor=1 = 3 devices, but there are 8"),
+    ({"init_from": "resume"}, CheckpointError, r"init_from=resume: no checkpoint in .*; train first"),
+    ({"data.data_dir": "/nonexistent/data"}, DataError, r"data dir /nonexistent/data does not exist"),
+    ({"model.block_size": 5000}, DataError, r"block_size"),
+])
+def test_bad_input_fails_before_training(token_data, tmp_path, overrides, error, message):
+    out = tmp_path / "bad"
+    with pytest.raises(error, match=message):
+        train(tiny_run_config(token_data, out, **overrides))
+    assert not (out / "summary.json").exists()
+
+
+def test_unwritable_out_dir(token_data, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"out_dir=.*file/out' is not writable"):
+        train(tiny_run_config(token_data, tmp_path / "file" / "out"))
+
+
+def test_truncated_checkpoint_is_a_one_line_error(token_data, tmp_path, tiny_run):
+    import shutil
+
+    out = tmp_path / "trunc"
+    shutil.copytree(tiny_run[0] / "checkpoints", out / "checkpoints")
+    damaged = sorted(p for p in (out / "checkpoints" / "20").rglob("*") if p.is_file() and p.stat().st_size > 0)
+    for p in damaged:
+        if "state" in str(p):
+            p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    with pytest.raises(CheckpointError):
+        train(tiny_run_config(token_data, out, init_from="resume"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,message", [
+    (["--config.model.n_layers=4"], r"unknown config key 'n_layers' \(did you mean 'n_layer'\?\)"),
+    (["--config.model.n_embd=30"], r"model.n_embd=30: must be divisible by model.n_head=2"),
+    (["--config.data.data_dir=/nonexistent"], r"data dir /nonexistent does not exist"),
+    (["--config.init_from=gpt5"], r"init_from='gpt5'"),
+    (["--config.train.batch_size=0"], r"train.batch_size=0: must be > 0"),
+])
+def test_cli_errors_are_one_line(args, message, tmp_path):
+    done = run_train_cli(f"--config.out_dir={tmp_path / 'out'}", *args)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
+    import re
+
+    assert re.search(message, lines[0]), lines[0]
+
+
+@pytest.mark.slow
+def test_finetune_shakespeare_runs_from_a_local_hf_model(tmp_path):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from configs import finetune_shakespeare
+    from nanogpt_jax import prepare
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=50257))
+    hf.save_pretrained(tmp_path / "hf")
+    prepare.shakespeare(tmp_path / "shakespeare")
+    c = finetune_shakespeare.get_config()
+    c.init_from, c.data.data_dir, c.out_dir = str(tmp_path / "hf"), str(tmp_path / "shakespeare"), str(tmp_path / "o")
+    c.model.block_size = 32
+    c.train.update(max_iters=2, batch_size=8, gradient_accumulation_steps=2, eval_interval=2, eval_iters=1)
+    summary = train(c)
+    assert summary["iterations"] == 2 and np.isfinite(summary["val_loss"])
+    assert Path(c.out_dir, "checkpoints").is_dir()
