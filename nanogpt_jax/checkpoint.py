@@ -161,9 +161,11 @@ class Checkpointer:
         try:
             self._manager = ocp.CheckpointManager(path, options=options, handler_registry=_handler_registry())
         except Exception as e:  # e.g. a step's metrics file cut short by a full disk
+            bad = _unreadable_metrics(path)
+            folder = os.path.join(self.directory, bad) if bad else "the damaged step folder"
             raise CheckpointError(
-                f"cannot read the checkpoints in {self.directory} ({_first_line(e)}); delete the damaged step "
-                "folder or choose a new out_dir") from e
+                f"cannot read the checkpoints in {self.directory} ({_first_line(e)}); delete {folder} "
+                "or choose a new out_dir") from e
         self._read_only = read_only
         self._pending_step: int | None = None  # the step whose save may still be running
         self._closed = False
@@ -183,6 +185,7 @@ class Checkpointer:
             record: JSON-serialisable facts about the run (the trainer passes `config` (the resolved
                 config as a dict), `model` (`dataclasses.asdict(GPTConfig)`), `data_dir`, ...).
                 `step`, `val_loss` and `best_val_loss` are added (and win over the caller's).
+                With several processes, process 0's record is the one written.
             val_loss: the validation loss (nats/token) at this step, or None when not evaluated.
                 A None or non-finite loss never makes this step the best one.
 
@@ -461,6 +464,21 @@ def _drop_closed_loop_callbacks(previous: Any) -> Any:
 
     hook._drops_closed_loop = True
     return hook
+
+
+def _unreadable_metrics(path: epath.Path) -> str | None:
+    """The name of the first step folder whose orbax metrics file is not valid JSON (for the error)."""
+    try:
+        for step_dir in sorted((p for p in path.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)):
+            metrics = step_dir / "metrics" / "metrics"
+            if metrics.exists():
+                try:
+                    json.loads(metrics.read_text())
+                except ValueError:
+                    return step_dir.name
+    except OSError:
+        pass
+    return None
 
 
 def _check_writable(path: epath.Path, shown: str) -> None:

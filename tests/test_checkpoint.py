@@ -11,6 +11,7 @@ import functools
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -215,6 +216,10 @@ def _child(mode: str, directory: str, *extra: str) -> None:
     """Run in a subprocess by the tests below (its own device count, its own fate)."""
     from orbax.checkpoint._src.checkpointers import async_checkpointer
 
+    if mode == "multihost_save":  # one of 2 processes x 4 CPU devices, before any computation
+        port, process_id = extra[1], int(extra[2])
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
     params = fresh_params(jax.random.key(0))  # tiny_params' values
     if mode == "kill_mid_save":
         ckpt = Checkpointer(directory)
@@ -240,6 +245,24 @@ def _child(mode: str, directory: str, *extra: str) -> None:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
         assert jax.tree.structure(state) == jax.tree.structure(fresh)
         print("RESTORED", record["step"], flush=True)
+    elif mode == "multihost_save":
+        assert jax.process_count() == 2 and jax.device_count() == 8
+        with pytest.raises(CheckpointError, match="cannot write checkpoints"):  # raised on both, no hang
+            Checkpointer(Path(directory).parent / "a_file" / "checkpoints")
+        state = make_state(params, 2)
+        to8 = fsdp_sharded(state, 8)
+
+        def global_array(x):  # every process holds the same values; each puts its own shards
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                return jax.random.wrap_key_data(global_array(jax.random.key_data(x)))
+            host = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, to8(x), lambda index: host[index])
+
+        with Checkpointer(directory) as ckpt:
+            ckpt.save(2, jax.tree.map(global_array, state), record={"hosts": 2}, val_loss=2.0)
+        if process_id == 0:
+            np.savez(extra[0], **to_numpy(state))
+        print("SAVED", flush=True)
 
 
 def _spawn(mode: str, *args: str, devices: int) -> subprocess.Popen:
@@ -277,6 +300,37 @@ def test_killed_mid_save_keeps_the_last_good_checkpoint(tmp_path, params):
 
 
 # ---- sharding ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_process_save_restores_in_one_process(tmp_path):
+    """What a pod does: every process calls save on a global array; a laptop reads it back."""
+    import socket
+
+    (tmp_path / "a_file").write_text("")
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    d, want = tmp_path / "ckpt", tmp_path / "want.npz"
+    children = [_spawn("multihost_save", str(d), str(want), port, str(i), devices=4) for i in range(2)]
+    try:
+        outs = [child.communicate(timeout=180) for child in children]
+    finally:
+        for child in children:
+            child.kill()
+    for child, (out, err) in zip(children, outs, strict=True):
+        assert child.returncode == 0 and out.split()[-1:] == ["SAVED"], err[-3000:]  # after gloo's chatter
+    assert sorted(p.name for p in (d / "2" / "state").glob("ocdbt.process_*")) == ["ocdbt.process_0",
+                                                                                  "ocdbt.process_1"]
+    one = SingleDeviceSharding(jax.devices()[0])
+    fresh = jax.eval_shape(lambda: make_state(fresh_params(jax.random.key(0))))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), fresh)
+    state, record = Checkpointer(d, read_only=True).restore(target)
+    expected, got = np.load(want), to_numpy(state)
+    assert sorted(got) == sorted(expected.files)
+    for key in expected.files:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    assert record == {"hosts": 2, "step": 2, "val_loss": 2.0, "best_val_loss": 2.0}
 
 
 def fsdp_sharded(tree, n_devices: int):
@@ -413,6 +467,16 @@ def test_damaged_latest_names_the_fallback(saved_dir, tmp_path, state3):
     with pytest.raises(CheckpointError, match=r"delete .*/4 to fall back to step 3, or set init_from=scratch$"):
         Checkpointer(d).restore(abstract(state3))
     assert Checkpointer(d).restore(abstract(state3), step=3)[0].step == 3  # the older one is fine
+
+
+def test_damaged_metrics_file_is_named_when_opening(saved_dir, tmp_path):
+    d = tmp_path / "ckpt"
+    shutil.copytree(saved_dir, d)
+    _truncate(d / "3" / "metrics" / "metrics")
+    with pytest.raises(CheckpointError, match=rf"^cannot read the checkpoints in {re.escape(str(d))} \(JSONDecodeError"
+                       rf".*\); delete {re.escape(str(d / '3'))} or choose a new out_dir$") as e:
+        Checkpointer(d)
+    one_line(e)
 
 
 @pytest.mark.parametrize("change, key", [
