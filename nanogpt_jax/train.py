@@ -156,125 +156,151 @@ def train(config: ConfigDict) -> dict:
 
     Raises UserError (one line) for bad input: config, data, checkpoints, out_dir.
     """
-    t_start = time.time()
-    out_dir = prepare_out_dir(config.out_dir)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    B, A = config.train.batch_size, config.train.gradient_accumulation_steps
-    if B % sharding.batch_divisor(mesh):
-        raise ConfigError(f"train.batch_size={B}: must be divisible by mesh.data x mesh.fsdp = "
-                          f"{sharding.batch_divisor(mesh)} (each of those devices holds an equal share of the batch)")
-    meta = data.load_meta(config.data.data_dir)
-    ckpt = Checkpointer(checkpoint_dir(out_dir), keep=config.train.keep_checkpoints)
-    model, state, resumed = build_state(config, mesh, ckpt, meta)
-    gcfg = model.config
-    T = gcfg.block_size
-    dataset = data.Dataset(config.data.data_dir, block_size=T, model_vocab_size=gcfg.vocab_size)
-    tokens_per_step = A * B * T
-    logging.info("model: %s, %.2fM parameters; mesh %s", gcfg, model.num_params() / 1e6, dict(mesh.shape))
-    logging.info("tokens per step: %d micro-steps x %d sequences x %d tokens = %s", A, B, T, f"{tokens_per_step:,}")
+    run = _Run(config)
+    try:
+        run.loop()
+    finally:
+        run.ckpt.close()  # waits for pending saves; raises if one failed
+        run.logger.close()
+    return run.write_summary()
 
-    train_fn = make_train_step(model, optim_config(config), mesh, state, grad_accum=A, seed=config.seed)
-    eval_fn = make_eval_step(model, mesh, state.params)
-    batches = data.TrainBatches(dataset.split("train"), batch_size=B, block_size=T, grad_accum=A,
-                                seed=config.seed, sharding=sharding.batch_sharding(mesh, 3))
-    eval_batches = {s: _global_eval_batches(dataset.split(s), config, T, mesh) for s in ("train", "val")}
 
-    start = int(state.step)
-    max_iters = config.train.max_iters
-    best_val = resumed.get("best_val_loss", math.inf)
-    if best_val is None:
-        best_val = math.inf
-    flops_per_token = gcfg.flops_per_token(T)
-    peak = metrics.peak_flops(jax.devices()[0], gcfg.dtype, config.bench.peak_tflops)
-    logger = loggers.MetricLogger(out_dir, tensorboard=config.log.tensorboard, csv=config.log.csv,
-                                  wandb_project=config.log.wandb_project, config=config.to_dict(),
-                                  resume_step=start if resumed else None, total_steps=max_iters)
-    record_base = {"config": json.loads(config.to_json()), "model": asdict(gcfg), "data_dir": config.data.data_dir,
-                   "tokenizer": dataset.meta.get("tokenizer")}
+class _Run:
+    """One training run's pieces, built from the config; `loop` runs it."""
 
-    def save(step: int, state: TrainState, val_loss: float | None) -> None:
-        if ckpt.latest_step() == step:
-            return  # already saved (e.g. the step a resumed run started from)
-        ckpt.save(step, state, record={**record_base, "step": step, "val_loss": val_loss,
-                                       "best_val_loss": None if math.isinf(best_val) else best_val},
-                  val_loss=val_loss)
+    def __init__(self, config: ConfigDict):
+        self.t_start = time.time()
+        self.config = c = config
+        self.out_dir = prepare_out_dir(c.out_dir)
+        self.mesh = mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+        B, A = c.train.batch_size, c.train.gradient_accumulation_steps
+        if B % sharding.batch_divisor(mesh):
+            raise ConfigError(f"train.batch_size={B}: must be divisible by mesh.data x mesh.fsdp = "
+                              f"{sharding.batch_divisor(mesh)} (each of those devices holds an equal share of the "
+                              "batch)")
+        meta = data.load_meta(c.data.data_dir)
+        self.ckpt = Checkpointer(checkpoint_dir(self.out_dir), keep=c.train.keep_checkpoints)
+        try:
+            self.model, self.state, resumed = build_state(c, mesh, self.ckpt, meta)
+            gcfg = self.model.config
+            T = gcfg.block_size
+            dataset = data.Dataset(c.data.data_dir, block_size=T, model_vocab_size=gcfg.vocab_size)
+        except BaseException:
+            self.ckpt.close()
+            raise
+        self.tokens_per_step = A * B * T
+        logging.info("model: %s, %.2fM parameters; mesh %s", gcfg, self.model.num_params() / 1e6, dict(mesh.shape))
+        logging.info("tokens per step: %d micro-steps x %d sequences x %d tokens = %s", A, B, T,
+                     f"{self.tokens_per_step:,}")
 
-    step_times: list[float] = []
-    last: dict[str, float] = {}
-    pending: tuple[int, dict] | None = None
-    t_last = time.perf_counter()
+        self.train_fn = make_train_step(self.model, optim_config(c), mesh, self.state, grad_accum=A, seed=c.seed)
+        self.eval_fn = make_eval_step(self.model, mesh, self.state.params)
+        self.batches = data.TrainBatches(dataset.split("train"), batch_size=B, block_size=T, grad_accum=A,
+                                         seed=c.seed, sharding=sharding.batch_sharding(mesh, 3))
+        self.eval_batches = {s: _global_eval_batches(dataset.split(s), c, T, mesh) for s in ("train", "val")}
+        self.start = int(self.state.step)
+        best = resumed.get("best_val_loss")
+        self.best_val = math.inf if best is None else best
+        self.flops_per_token = gcfg.flops_per_token(T)
+        self.peak = metrics.peak_flops(jax.devices()[0], gcfg.dtype, c.bench.peak_tflops)
+        self.logger = loggers.MetricLogger(self.out_dir, tensorboard=c.log.tensorboard, csv=c.log.csv,
+                                           wandb_project=c.log.wandb_project, config=c.to_dict(),
+                                           resume_step=self.start if resumed else None, total_steps=c.train.max_iters)
+        self.record = {"config": json.loads(c.to_json()), "model": asdict(gcfg), "data_dir": c.data.data_dir,
+                       "tokenizer": dataset.meta.get("tokenizer")}
+        self.step = self.start
+        self.stopped_by: int | None = None
+        self.step_times: list[float] = []
+        self.last: dict[str, float] = {}
+        self.t_last = time.perf_counter()
 
-    def read_back(item: tuple[int, dict] | None) -> None:
-        """Fetch a step's metrics (one step late), log them, stop on persistent non-finite steps."""
-        nonlocal t_last
+    def save(self, val_loss: float | None) -> None:
+        """Checkpoint the current state (asynchronously; the checkpointer skips a step already saved)."""
+        best = None if math.isinf(self.best_val) else self.best_val
+        self.ckpt.save(self.step, self.state, record={**self.record, "best_val_loss": best}, val_loss=val_loss)
+
+    def evaluate(self) -> None:
+        """Loss on the fixed train and val batches; checkpoint on a new best (or always, if configured)."""
+        losses = estimate_loss(self.eval_fn, self.state.params, self.eval_batches)
+        self.logger.log(self.step, {"train/eval_loss": losses["train"], "val/loss": losses["val"]})
+        self.last.update(val_loss=losses["val"], train_eval_loss=losses["train"])
+        improved = losses["val"] < self.best_val
+        if improved:
+            self.best_val = losses["val"]
+        if improved or self.config.train.always_save_checkpoint:
+            self.save(losses["val"])
+        self.t_last = time.perf_counter()  # evaluation time is not step time
+
+    def read_back(self, item: tuple[int, dict] | None) -> None:
+        """Fetch one step's metrics (a step late, so the device is already busy with the next),
+        log them, and stop on persistent non-finite steps."""
         if item is None:
             return
         step, m = item
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         now = time.perf_counter()
-        dt, t_last = now - t_last, now
-        if step > start:  # the first step includes compilation
-            step_times.append(dt)
-        last.update(loss=m["loss"])
-        if m["skipped"] >= config.train.max_skipped:
-            raise UserError(f"training stopped: {int(m['skipped'])} steps in a row up to step {step} had a non-finite "
-                            f"loss or gradient norm (train.max_skipped={config.train.max_skipped}); the last "
-                            f"checkpoint (step {ckpt.latest_step()}) is untouched; lower optim.learning_rate or "
-                            "check the data")
-        if step % config.train.log_interval == 0 or step == max_iters - 1:
-            tok_s = tokens_per_step / dt
+        dt, self.t_last = now - self.t_last, now
+        if step > self.start:  # the first step includes compilation
+            self.step_times.append(dt)
+        self.last["loss"] = m["loss"]
+        t = self.config.train
+        if m["skipped"] >= t.max_skipped:
+            raise UserError(f"training stopped: {int(m['skipped'])} steps in a row up to step {step} had a "
+                            f"non-finite loss or gradient norm (train.max_skipped={t.max_skipped}); no update was "
+                            f"applied, the last checkpoint (step {self.ckpt.latest_step()}) is untouched; lower "
+                            "optim.learning_rate or check the data")
+        if step % t.log_interval == 0:
+            tok_s = self.tokens_per_step / dt
             row = {"train/loss": m["loss"], "train/lr": m["lr"], "train/grad_norm": m["grad_norm"],
-                   "train/ms_per_step": dt * 1e3, "train/tokens_per_sec": tok_s,
-                   "train/skipped": m["n_skipped"]}
-            mfu = metrics.mfu(flops_per_token, tok_s, mesh.size, peak)
+                   "train/ms_per_step": dt * 1e3, "train/tokens_per_sec": tok_s, "train/skipped": m["n_skipped"]}
+            mfu = metrics.mfu(self.flops_per_token, tok_s, self.mesh.size, self.peak)
             if mfu is not None:
                 row["train/mfu"] = mfu
-            logger.log(step, row)  # and a console line
+            self.logger.log(step, row)  # and a console line
 
-    with _StopFlag() as stop, batches.prefetch(start, max_iters) as prefetch:
-        step = start
-        while True:
-            if step % config.train.eval_interval == 0 or step == max_iters:
-                read_back(pending)
-                pending = None
-                losses = estimate_loss(eval_fn, state.params, eval_batches)
-                logger.log(step, {"train/eval_loss": losses["train"], "val/loss": losses["val"]})
-                last.update(val_loss=losses["val"], train_eval_loss=losses["train"])
-                improved = losses["val"] < best_val
-                if improved:
-                    best_val = losses["val"]
-                if improved or config.train.always_save_checkpoint:
-                    save(step, state, losses["val"])
-                t_last = time.perf_counter()
-            if step >= max_iters or stop:
-                break
-            _, x, y = next(prefetch)
-            state, step_metrics = train_fn(state, x, y)
-            read_back(pending)
-            pending = (step, step_metrics)
-            step += 1
-        read_back(pending)
-        if stop:
-            save(step, state, None)
-            logging.info("saved step %d after %s; resume with --config.init_from=resume", step,
-                         signal.Signals(stop.signal).name)
-    ckpt.close()  # waits for pending saves; raises if one failed
-    logger.close()
-    summary = {
-        "iterations": step, "stopped_by_signal": bool(stop), "train_loss": last.get("loss"),
-        "train_eval_loss": last.get("train_eval_loss"), "val_loss": last.get("val_loss"),
-        "best_val_loss": None if math.isinf(best_val) else best_val,
-        "ms_per_step": statistics.median(step_times) * 1e3 if step_times else None,
-        "tokens_per_step": tokens_per_step, "wall_seconds": time.time() - t_start,
-        "flops_formula": metrics.FLOPS_FORMULA, "devices": mesh.size, "device_kind": jax.devices()[0].device_kind,
-        "peak_device_memory_bytes": _peak_memory(),
-    }
-    if summary["ms_per_step"]:
-        summary["tokens_per_sec"] = tokens_per_step / (summary["ms_per_step"] / 1e3)
-        summary["mfu"] = metrics.mfu(flops_per_token, summary["tokens_per_sec"], mesh.size, peak)
-    if jax.process_index() == 0:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    def loop(self) -> None:
+        max_iters, eval_interval = self.config.train.max_iters, self.config.train.eval_interval
+        pending = None
+        with _StopFlag() as stop, self.batches.prefetch(self.start, max_iters) as prefetch:
+            while True:
+                if self.step % eval_interval == 0 or self.step == max_iters:
+                    self.read_back(pending)
+                    pending = None
+                    self.evaluate()
+                if self.step >= max_iters or stop:
+                    break
+                _, x, y = next(prefetch)
+                self.state, step_metrics = self.train_fn(self.state, x, y)  # dispatched, not finished
+                self.read_back(pending)
+                pending = (self.step, step_metrics)
+                self.step += 1
+            self.read_back(pending)
+            if stop:
+                self.stopped_by = stop.signal
+                self.save(None)
+                logging.info("saved step %d after %s; resume with --config.init_from=resume", self.step,
+                             signal.Signals(stop.signal).name)
+
+    def write_summary(self) -> dict:
+        """out_dir/summary.json: the run's figures in one place (process 0 writes it)."""
+        ms = statistics.median(self.step_times) * 1e3 if self.step_times else None
+        summary = {
+            "iterations": self.step, "stopped_by_signal": self.stopped_by is not None,
+            "train_loss": self.last.get("loss"), "train_eval_loss": self.last.get("train_eval_loss"),
+            "val_loss": self.last.get("val_loss"),
+            "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
+            "ms_per_step": ms, "tokens_per_step": self.tokens_per_step,
+            "tokens_per_sec": self.tokens_per_step / (ms / 1e3) if ms else None,
+            "mfu": None, "flops_formula": metrics.FLOPS_FORMULA,
+            "wall_seconds": time.time() - self.t_start, "devices": self.mesh.size,
+            "device_kind": jax.devices()[0].device_kind, "peak_device_memory_bytes": _peak_memory(),
+            "compilations": self.train_fn.jitted._cache_size(),
+        }
+        if ms:
+            summary["mfu"] = metrics.mfu(self.flops_per_token, summary["tokens_per_sec"], self.mesh.size, self.peak)
+        if jax.process_index() == 0:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
 
 
 def _peak_memory() -> int | None:
