@@ -12,6 +12,7 @@ with the input (`UserError`, a bad flag, a config file that cannot be loaded) pr
 
 from __future__ import annotations
 
+import logging as std_logging
 import re
 import sys
 from collections.abc import Callable
@@ -39,6 +40,17 @@ def _flag_error_message(e: BaseException) -> str:
         msg = f"unknown config key {name!r}"
         return msg + (f" (did you mean {hint.group(1)!r}?)" if hint else " (see configs/default.py for every key)")
     return text if key is None or key.group(1) in text else f"{key.group(1)}: {text}"
+
+
+# Libraries whose INFO lines are about their own machinery (orbax logs a dozen per checkpoint);
+# their warnings and errors still show. --verbosity=1 (absl's debug level) shows everything.
+_QUIET_PACKAGES = ("/orbax/", "/jax/_src/", "/absl/")
+
+
+def _quiet_libraries(record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.WARNING or logging.get_verbosity() >= logging.DEBUG:
+        return True
+    return not any(p in record.pathname for p in _QUIET_PACKAGES)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -69,6 +81,7 @@ def main(fn: Callable[[ConfigDict], object]) -> None:
         if len(argv) > 1:
             fail(f"unexpected arguments {' '.join(argv[1:])!r}; settings go in --config.key=value")
         logging.use_absl_handler()
+        logging.get_absl_handler().addFilter(_quiet_libraries)
         try:
             fn(load_config())
         except UserError as e:

@@ -300,6 +300,8 @@ class _Run:
             summary["mfu"] = metrics.mfu(self.flops_per_token, summary["tokens_per_sec"], self.mesh.size, self.peak)
         if jax.process_index() == 0:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if self.config.log.csv and self.last.get("val_loss") is not None:
+                loggers.plot_loss(self.out_dir / "metrics.csv", self.out_dir / "loss.png")
         return summary
 
 
