@@ -86,10 +86,14 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.eval.tasks = ("loss",)  # loss, text, wikitext2, hellaswag
     c.eval.split = "val"  # split of data_dir for the loss task
     c.eval.text_path = placeholder(str)  # text file for the text task
-    c.eval.stride = placeholder(int)  # sliding-window stride in tokens; None = block_size
+    c.eval.stride = placeholder(int)  # sliding-window stride in tokens; None = block_size (wikitext2: half)
     c.eval.max_examples = placeholder(int)  # cap on examples (HellaSwag) for quick runs
-    c.eval.batch_size = 8  # sequences per forward pass
+    # global rows per forward pass: windows (loss, text, wikitext2) or examples of 4 endings (hellaswag);
+    # rounded up to a multiple of mesh.data x mesh.fsdp
+    c.eval.batch_size = 8
     c.eval.out = placeholder(str)  # report path (JSON; a .md beside it); None = out_dir/eval.json
+    c.eval.checkpoint = "latest"  # with init_from=resume: latest or best (lowest val loss)
+    c.eval.cache_dir = "data"  # downloads: <cache_dir>/hellaswag/, <cache_dir>/wikitext-2/
 
     c.bench = config_dict.ConfigDict()
     c.bench.mode = "train"  # train, generate, data or profile

@@ -17,38 +17,68 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import data, tokenizer
+from nanogpt_jax import data, sharding, tokenizer
 from nanogpt_jax.checkpoint import Checkpointer
 from nanogpt_jax.errors import CheckpointError, ConfigError, UserError
 from nanogpt_jax.model import GPT, GPTConfig
 from nanogpt_jax.train import checkpoint_dir
 
 
-def load_model(config: ConfigDict) -> tuple[GPT, Any, tokenizer.Tokenizer, dict]:
-    """The model, its parameters (on the default device), its tokenizer and a description."""
+def param_shardings(model: GPT, mesh: jax.sharding.Mesh) -> Any:
+    """NamedShardings of `model`'s params on `mesh`, from their logical axis names (replicated on a
+    pure data-parallel mesh, split as mesh.fsdp / mesh.tensor say otherwise)."""
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    return sharding.logical_shardings(boxed, mesh)
+
+
+def load_model(config: ConfigDict, mesh: jax.sharding.Mesh | None = None,
+               checkpoint: str | None = None) -> tuple[GPT, Any, tokenizer.Tokenizer, dict]:
+    """The model, its parameters, its tokenizer and a description of where they came from.
+
+    mesh: None puts the parameters on the default device; a mesh places each one in its sharding
+    there as it is read (every process reads its own shards: what multi-host evaluation needs).
+    checkpoint: with init_from=resume, "latest" or "best" (default: config.sample.checkpoint).
+    The description holds `pretrained`, or `checkpoint` (folder), `step` and `data_dir` (the data
+    the run trained on).
+    """
     init = config.init_from
     dtype = config_lib.resolve_dtype(config.model.dtype)
     options = {"dtype": dtype, "attention": config.model.attention}
+    which = checkpoint or config.sample.checkpoint
     if init == "scratch":
         raise ConfigError("init_from='scratch': nothing to sample from; use resume (a training run's out_dir) "
                           "or a GPT-2 name such as gpt2")
     if init == "resume":
         ckpt = Checkpointer(checkpoint_dir(config.out_dir), keep=1, async_save=False, read_only=True)
-        step = ckpt.best_step() if config.sample.checkpoint == "best" else ckpt.latest_step()
+        step = ckpt.best_step() if which == "best" else ckpt.latest_step()
         if step is None:
-            raise CheckpointError(f"init_from=resume: no {config.sample.checkpoint} checkpoint in {ckpt.directory}; "
+            raise CheckpointError(f"init_from=resume: no {which} checkpoint in {ckpt.directory}; "
                                   "train first (run_train.py) or check --config.out_dir")
         record = ckpt.record(step)
         model = GPT(GPTConfig(**{**record["model"], **options, "dropout": 0.0, "remat": "none"}))
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                                jax.eval_shape(lambda: _init(model)))
+        if mesh is None:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shards = jax.tree.map(lambda _: device, jax.eval_shape(lambda: _init(model)))
+        else:
+            shards = param_shardings(model, mesh)
+        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                jax.eval_shape(lambda: _init(model)), shards)
         params, record = ckpt.restore_params(abstract, step)
-        tok = data.tokenizer_for(record["data_dir"])
-        return model, params, tok, {"checkpoint": str(ckpt.directory), "step": step}
+        data_dir = record["data_dir"]
+        if not Path(data_dir).is_dir() and Path(config.data.data_dir).is_dir():
+            # a relative path recorded by a run started elsewhere: the config's data has the tokenizer
+            logging.warning("the checkpoint's data_dir %s is not here; reading the tokenizer from data.data_dir=%s",
+                            data_dir, config.data.data_dir)
+            data_dir = config.data.data_dir
+        tok = data.tokenizer_for(data_dir)
+        return model, params, tok, {"checkpoint": str(ckpt.directory), "step": step, "data_dir": data_dir}
     from nanogpt_jax import convert
 
-    model, params = convert.load_pretrained(init, **options, block_size=config.model.block_size)
+    shards = None
+    if mesh is not None:
+        shape = convert.pretrained_config(init, **options, block_size=config.model.block_size)
+        shards = param_shardings(GPT(shape), mesh)
+    model, params = convert.load_pretrained(init, shardings=shards, **options, block_size=config.model.block_size)
     if jax.default_backend() != "cpu" and dtype == "bfloat16":  # half the memory; sampling needs no fp32 master
         params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
     return model, params, tokenizer.gpt2(), {"pretrained": init}

@@ -27,7 +27,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import data, loggers, metrics, sharding
+from nanogpt_jax import data, evaluate, loggers, metrics, sharding
 from nanogpt_jax.checkpoint import Checkpointer
 from nanogpt_jax.errors import CheckpointError, ConfigError, UserError
 from nanogpt_jax.model import GPT, GPTConfig
@@ -185,6 +185,9 @@ class _Run:
             gcfg = self.model.config
             T = gcfg.block_size
             dataset = data.Dataset(c.data.data_dir, block_size=T, model_vocab_size=gcfg.vocab_size)
+            # run_eval.py's tasks at every evaluation, prepared (and checked) now rather than at the first eval
+            self.eval_tasks = evaluate.Evaluator(c, self.model, mesh, dataset.tokenizer, c.train.eval_tasks) \
+                if c.train.eval_tasks else None
         except BaseException:
             self.ckpt.close()
             raise
@@ -222,7 +225,10 @@ class _Run:
     def evaluate(self) -> None:
         """Loss on the fixed train and val batches; checkpoint on a new best (or always, if configured)."""
         losses = estimate_loss(self.eval_fn, self.state.params, self.eval_batches)
-        self.logger.log(self.step, {"train/eval_loss": losses["train"], "val/loss": losses["val"]})
+        row = {"train/eval_loss": losses["train"], "val/loss": losses["val"]}
+        if self.eval_tasks is not None:  # logged under the names run_eval.py reports (eval/<task>/<metric>)
+            row.update(self.eval_tasks.metrics(self.state.params))
+        self.logger.log(self.step, row)
         self.last.update(val_loss=losses["val"], train_eval_loss=losses["train"])
         improved = losses["val"] < self.best_val
         if improved:

@@ -1,0 +1,451 @@
+"""Evaluation behind `python run_eval.py --config ...` and the trainer's `train.eval_tasks`.
+
+Tasks (`eval.tasks`), each reported under `eval/<key>/<metric>` (the same names in the JSON report,
+the markdown table, TensorBoard and metrics.csv):
+
+    loss       key loss/<split>    exact loss over every token of data_dir's <split>.bin
+    text       key text/<stem>     the same over a text file, tokenized with the model's tokenizer
+    wikitext2  key wikitext2       the same over WikiText-2's raw test file (GPT-2's published metric)
+    hellaswag  key hellaswag       HellaSwag validation accuracy (see nanogpt_jax/hellaswag.py)
+
+The three perplexity tasks report `loss` (mean nats per scored token), `ppl` = exp(loss) and `bpb`,
+bits per byte: loss x tokens / ln 2 / the UTF-8 bytes those tokens decode to (GPT-2's <|endoftext|>
+counts 0 bytes: it separates documents, it is not text). Every token after the first is scored
+exactly once, with `data.sliding_windows` of block_size tokens every `stride` tokens (so each token
+sees at least block_size - stride tokens of context; stride = block_size is plain non-overlapping
+windows). The wikitext2 default stride is block_size // 2: the recipe of Hugging Face's guide
+"Perplexity of fixed-length models" (GPT-2, block 1024, stride 512).
+
+Scale: one jitted scorer returns each row's summed token losses for padded (N, K, T) batches, N
+split over the mesh's data x fsdp devices, on every host at once: every process builds the same
+global batch on the host (cheap), its devices score their rows, each process sums the rows it holds,
+and the per-task totals are gathered from all processes once at the end. HellaSwag pads rows to a
+few length buckets (powers of two up to block_size), so a task compiles at most a handful of shapes.
+Compute runs in the model's dtype (bfloat16 on accelerators by default), logits and the
+log-softmax in float32 (`model.token_losses`, the one loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from ml_collections import ConfigDict
+
+from nanogpt_jax import config as config_lib
+from nanogpt_jax import data, download, hellaswag, sharding
+from nanogpt_jax.errors import ConfigError, DataError
+from nanogpt_jax.model import GPT, token_losses
+from nanogpt_jax.tokenizer import Tokenizer
+
+TASKS = ("loss", "text", "wikitext2", "hellaswag")
+# WikiText-2 raw, test split: HF's wikitext-2-raw-v1 test text without its empty lines, CRLF line ends
+WIKITEXT2 = ("wikitext-2/wiki.test.raw", "https://raw.githubusercontent.com/Tylogi/TyloQuant/"
+             "7989d038b13ca737da11a95fb90e77ae059f33c0/data/wikitext-2-raw/wiki.test.raw")
+WIKITEXT2_NOTE = ("raw text, no detokenization; read as UTF-8 with universal newlines (CRLF -> LF); "
+                  "no <|endoftext|> prepended, so the first token is context only")
+
+
+# ---- config checks (run at start-up by config.validate) ---------------------------------------
+
+
+def check_config(config: ConfigDict) -> None:
+    """The eval section and train.eval_tasks: known task names, a text file for the text task."""
+    if "eval" not in config:
+        return
+    for key in ("eval.tasks", "train.eval_tasks"):
+        section, leaf = key.split(".")
+        if section not in config or leaf not in config[section]:
+            continue
+        tasks = config[section][leaf]
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ConfigError(f"{key}={tuple(tasks)!r}: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+        if "text" in tasks:
+            path = config.eval.text_path
+            if not path:
+                raise ConfigError(f"{key} has text but eval.text_path is unset; pass --config.eval.text_path=FILE")
+            if not os.path.isfile(path):
+                raise ConfigError(f"eval.text_path={path!r}: no such file")
+    if not config.eval.tasks:
+        raise ConfigError("eval.tasks is empty; name at least one of " + ", ".join(TASKS))
+    if config.eval.checkpoint not in ("latest", "best"):
+        raise ConfigError(f"eval.checkpoint={config.eval.checkpoint!r}: must be latest or best")
+
+
+config_lib.EXTRA_CHECKS.append(check_config)
+
+
+# ---- the jitted scorer --------------------------------------------------------------------------
+
+
+class Scorer:
+    """Summed token losses of each row of padded batches, data-parallel over a mesh.
+
+    `scorer(params, x, y, mask)` takes global numpy arrays int32 x, y and float32 mask of shape
+    (N, K, T) (N split over the mesh's data x fsdp axes; every process passes the same arrays) and
+    returns a float32 jax.Array (N, K): sum over t of mask * cross-entropy(logits(x)[t], y[t]), nats.
+    `apply_fn(params, x_BT) -> logits (B, T, V)` is the model (or a stand-in in tests); params keep
+    the shardings they have. One compilation per distinct (N, K, T).
+    """
+
+    def __init__(self, apply_fn: Callable[[Any, jax.Array], jax.Array], mesh: Mesh):
+        self.mesh = mesh
+        self.in_sharding = NamedSharding(mesh, P(sharding.BATCH_AXES, None, None))
+
+        def score(params: Any, x_NKT: jax.Array, y_NKT: jax.Array, mask_NKT: jax.Array) -> jax.Array:
+            N, K, T = x_NKT.shape
+            losses_BT = token_losses(apply_fn(params, x_NKT.reshape(N * K, T)), y_NKT.reshape(N * K, T))
+            losses_BT = jax.numpy.where(mask_NKT.reshape(N * K, T) > 0, losses_BT, 0.0)
+            return losses_BT.sum(axis=-1).reshape(N, K)
+
+        self.jitted = jax.jit(score, out_shardings=NamedSharding(mesh, P(sharding.BATCH_AXES, None)))
+
+    def __call__(self, params: Any, x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> jax.Array:
+        arrays = [jax.make_array_from_callback(a.shape, self.in_sharding, lambda i, a=a: a[i]) for a in (x, y, mask)]
+        with sharding.activate(self.mesh):
+            return self.jitted(params, *arrays)
+
+
+def local_rows(out: jax.Array) -> list[tuple[slice, np.ndarray]]:
+    """(rows, values) of the shards of `out` this process holds, each row block once (replica 0)."""
+    return [(s.index[0], np.asarray(s.data)) for s in out.addressable_shards if s.replica_id == 0]
+
+
+def gather_sum(local: np.ndarray) -> np.ndarray:
+    """Sum a float64 vector over processes: one collective. jax has no float64 by default, so each
+    value travels as a float32 pair (high part, remainder): ~1e-14 relative, exact for counts < 2^48."""
+    if jax.process_count() == 1:
+        return local
+    hi = local.astype(np.float32)
+    lo = (local - hi.astype(np.float64)).astype(np.float32)
+    both = multihost_utils.process_allgather(np.stack([hi, lo])).astype(np.float64)  # (processes, 2, k)
+    return both.sum(axis=(0, 1))
+
+
+# ---- what each task scores ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Tokens:
+    """A perplexity task's input: the token ids, the stride, the bytes they stand for, a description."""
+
+    tokens: np.ndarray
+    stride: int
+    n_bytes: int | None
+    info: dict
+
+
+def token_byte_lengths(tok: Tokenizer) -> np.ndarray | None:
+    """UTF-8 bytes of each token id, int64 (n_vocab,); GPT-2's <|endoftext|> counts 0. None if unknown."""
+    if tok.name == "char":
+        return np.array([len(c.encode("utf-8")) for c in tok.chars], np.int64)
+    if tok.name == "gpt2":
+        import tiktoken  # the GPT2Tokenizer already pointed tiktoken at its files
+
+        enc = tiktoken.get_encoding("gpt2")
+        lengths = np.array([len(enc.decode_single_token_bytes(i)) for i in range(tok.n_vocab)], np.int64)
+        lengths[tok.eot_token] = 0
+        return lengths
+    return None
+
+
+def count_bytes(tokens: np.ndarray, lengths: np.ndarray | None) -> int | None:
+    """Bytes the scored tokens (all but the first) decode to, read in chunks (a memmap stays small)."""
+    if lengths is None:
+        return None
+    total, chunk = 0, 1 << 22
+    for start in range(1, len(tokens), chunk):
+        ids = np.asarray(tokens[start:start + chunk], np.int64)
+        total += int(lengths[np.minimum(ids, len(lengths) - 1)].sum())
+    return total
+
+
+def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    return a.name == b.name and a.n_vocab == b.n_vocab and getattr(a, "chars", None) == getattr(b, "chars", None)
+
+
+def read_text(path: str | Path, tok: Tokenizer, what: str) -> np.ndarray:
+    """A UTF-8 text file (universal newlines) as int32 token ids. Raises DataError when it is missing,
+    unreadable, not encodable by `tok` or shorter than 2 tokens."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise DataError(f"{what}: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{what}: cannot read {path} as UTF-8 text ({e})") from None
+    try:
+        ids = np.asarray(tok.encode(text), np.int32)
+    except DataError as e:
+        raise DataError(f"{what}: {path}: {e}") from None
+    if len(ids) < 2:
+        raise DataError(f"{what}: {path} is {len(ids)} {tok.name} token(s) long; at least 2 are needed to score a "
+                        "prediction")
+    return ids
+
+
+class Evaluator:
+    """The tasks of one model on one mesh, prepared once (files read, tokenized, checked) and run as
+    often as needed: `run(params)` -> {key: result dict}, `metrics(params)` -> {"eval/<key>/<m>": value}.
+
+    Args:
+        config: the run config (eval section; data.data_dir for the loss task).
+        model: the GPT whose params will be passed to run.
+        mesh: where to score; eval.batch_size is rounded up to a multiple of its data x fsdp size.
+        tok: the model's tokenizer.
+        tasks: task names (TASKS).
+        data_dir_hint: the data dir a checkpoint was trained on, named when data.data_dir is missing.
+    Raises:
+        DataError: a missing or unusable split or file, a tokenizer that does not fit the data, or
+            hellaswag with a tokenizer other than GPT-2's.
+        ConfigError: eval.stride above the model's block_size.
+    """
+
+    def __init__(self, config: ConfigDict, model: GPT, mesh: Mesh, tok: Tokenizer, tasks: Sequence[str],
+                 data_dir_hint: str | None = None, apply_fn: Callable | None = None):
+        e = config.eval
+        self.block_size = T = model.config.block_size
+        d = sharding.batch_divisor(mesh)
+        self.batch_size = -(-e.batch_size // d) * d
+        if self.batch_size != e.batch_size:
+            logging.info("eval.batch_size=%d rounded up to %d, a multiple of the %d devices the batch is split over",
+                         e.batch_size, self.batch_size, d)
+        if e.stride is not None and e.stride > T:
+            raise ConfigError(f"eval.stride={e.stride}: must be <= the model's block_size={T}")
+        self.scorer = Scorer(apply_fn or (lambda p, x: model.apply({"params": p}, x)), mesh)
+        self.inputs: dict[str, Any] = {}
+        lengths = token_byte_lengths(tok) if {"loss", "text", "wikitext2"} & set(tasks) else None
+        for name in tasks:
+            if name == "loss":
+                tokens, info = self._split(config, model, tok, data_dir_hint)
+                self.inputs[f"loss/{e.split}"] = _Tokens(tokens, e.stride or T, count_bytes(tokens, lengths), info)
+            elif name == "text":
+                tokens = read_text(e.text_path, tok, "eval.text_path")
+                self.inputs[f"text/{Path(e.text_path).stem}"] = _Tokens(
+                    tokens, e.stride or T, count_bytes(tokens, lengths), {"path": str(e.text_path)})
+            elif name == "wikitext2":
+                path = download.fetch(*WIKITEXT2, Path(e.cache_dir) / WIKITEXT2[0])
+                tokens = read_text(path, tok, "wikitext2")
+                self.inputs["wikitext2"] = _Tokens(tokens, e.stride or max(1, T // 2), count_bytes(tokens, lengths),
+                                                   {"path": str(path), "detokenization": WIKITEXT2_NOTE})
+            elif name == "hellaswag":
+                if tok.name != "gpt2":
+                    raise DataError(f"hellaswag needs a model with GPT-2's BPE tokenizer; this one uses a "
+                                    f"{tok.n_vocab}-token {tok.name} vocabulary (from its training data); evaluate "
+                                    "it with the loss or text task")
+                examples = hellaswag.load(e.cache_dir, e.max_examples)
+                self.inputs["hellaswag"] = [hellaswag.render(tok, ex, T) for ex in examples]
+            else:
+                raise ConfigError(f"unknown eval task {name!r}; choose from {', '.join(TASKS)}")
+
+    @staticmethod
+    def _split(config: ConfigDict, model: GPT, tok: Tokenizer, hint: str | None) -> tuple[np.ndarray, dict]:
+        data_dir, split = config.data.data_dir, config.eval.split
+        if not Path(data_dir).is_dir() and hint and Path(hint).is_dir():
+            raise DataError(f"data.data_dir={data_dir!r} does not exist; the checkpoint was trained on {hint}: "
+                            f"pass --config.data.data_dir={hint}")
+        ds = data.Dataset(data_dir, block_size=1, model_vocab_size=model.config.vocab_size, splits=(split,))
+        if not _same_tokenizer(ds.tokenizer, tok):
+            raise DataError(f"{data_dir} was tokenized with a {ds.tokenizer.n_vocab}-token {ds.tokenizer.name} "
+                            f"vocabulary, the model uses a {tok.n_vocab}-token {tok.name} one; evaluate on data "
+                            "prepared for this model")
+        tokens = ds.split(split)
+        if len(tokens) < 2:
+            raise DataError(f"{data_dir}/{split}.bin holds {len(tokens)} token(s); at least 2 are needed")
+        return tokens, {"data_dir": str(data_dir), "split": split}
+
+    def run(self, params: Any) -> dict[str, dict]:
+        """Every task on `params` (each process passes its own shards); the same results on every process."""
+        out = {}
+        for key, inp in self.inputs.items():
+            t0 = time.perf_counter()
+            if key == "hellaswag":
+                out[key] = hellaswag_accuracy(self.scorer, params, inp, batch_size=self.batch_size,
+                                              block_size=self.block_size)
+            else:
+                out[key] = {**inp.info, "block_size": self.block_size, "stride": inp.stride,
+                            **perplexity(self.scorer, params, inp.tokens, block_size=self.block_size,
+                                         stride=inp.stride, batch_size=self.batch_size, n_bytes=inp.n_bytes)}
+            out[key]["seconds"] = seconds = time.perf_counter() - t0
+            unit = "examples" if key == "hellaswag" else "tokens"
+            out[key][f"{unit}_per_sec"] = out[key][unit] / seconds if seconds > 0 else None
+            logging.info("eval %s: %s", key, ", ".join(f"{m}={v:.4f}" for m, v in out[key].items()
+                                                      if m in METRICS and v is not None))
+        return out
+
+    def metrics(self, params: Any) -> dict[str, float]:
+        """`run` flattened to logger names: {"eval/loss/val/loss": ..., "eval/hellaswag/acc": ...}."""
+        return flat_metrics(self.run(params))
+
+
+def perplexity(scorer: Scorer, params: Any, tokens: np.ndarray, *, block_size: int, stride: int, batch_size: int,
+               n_bytes: int | None = None) -> dict:
+    """Exact mean loss over every token of `tokens` after the first (1-D ints), each scored once with
+    sliding windows (`data.sliding_windows`); the same result on every process.
+
+    Returns {"tokens", "windows", "loss" (nats/token), "ppl", "bytes", "bpb" (None without n_bytes)}.
+    batch_size: global windows per call, a multiple of the mesh's data x fsdp size.
+    Raises DataError for fewer than 2 tokens or a stride outside 1 .. block_size.
+    """
+    local = np.zeros(2)  # this process's rows: summed nats, scored tokens
+    windows, pending = 0, None
+
+    def read(out: jax.Array, counts: np.ndarray) -> np.ndarray:
+        return sum((np.array([v.astype(np.float64).sum(), counts[rows].sum()]) for rows, v in local_rows(out)),
+                   np.zeros(2))
+
+    for x, y, mask in data.sliding_windows(tokens, block_size=block_size, stride=stride, batch_size=batch_size):
+        counts = mask.sum(axis=1, dtype=np.float64)
+        windows += int((counts > 0).sum())
+        out = scorer(params, x[:, None], y[:, None], mask[:, None])
+        if pending is not None:  # read the previous batch while this one runs
+            local += read(*pending)
+        pending = (out, counts)
+    local += read(*pending)
+    nats, n = gather_sum(local)
+    loss = nats / n
+    ppl = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
+    return {"tokens": int(round(n)), "windows": windows, "loss": loss, "ppl": ppl, "bytes": n_bytes,
+            "bpb": nats / math.log(2) / n_bytes if n_bytes else None}
+
+
+def hellaswag_accuracy(scorer: Scorer, params: Any, examples: Sequence[hellaswag.Rendered], *, batch_size: int,
+                       block_size: int) -> dict:
+    """HellaSwag accuracies (acc, acc_norm_token, acc_norm_char; see nanogpt_jax/hellaswag.py) over
+    rendered examples, batch_size examples (x 4 endings) per call; the same result on every process.
+    Returns {"examples", "row_lengths" (the padded lengths used), and each accuracy (a fraction)}."""
+    local = np.zeros(1 + len(hellaswag.METRICS))  # this process's examples, then its correct counts
+    pending, lengths = None, set()
+
+    def read(out: jax.Array, ids: np.ndarray) -> np.ndarray:
+        total = np.zeros_like(local)
+        for rows, sums in local_rows(out):
+            for i, s in zip(ids[rows], sums, strict=True):
+                if i >= 0:
+                    total += np.concatenate([[1.0], hellaswag.correct(examples[i], s)])
+        return total
+
+    for x, y, mask, ids in hellaswag.batches(examples, batch_size, block_size):
+        lengths.add(x.shape[-1])
+        out = scorer(params, x, y, mask)
+        if pending is not None:
+            local += read(*pending)
+        pending = (out, ids)
+    if pending is not None:
+        local += read(*pending)
+    totals = gather_sum(local)
+    n = totals[0]
+    result = {"examples": int(round(n)), "row_lengths": sorted(lengths)}
+    result.update({m: (c / n if n else None) for m, c in zip(hellaswag.METRICS, totals[1:], strict=True)})
+    return result
+
+
+METRICS = ("loss", "ppl", "bpb") + hellaswag.METRICS
+
+
+def flat_metrics(results: dict[str, dict]) -> dict[str, float]:
+    """{"eval/<key>/<metric>": value} for the headline metrics of each task's result."""
+    return {f"eval/{key}/{m}": v for key, r in results.items() for m, v in r.items() if m in METRICS and v is not None}
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+_DIGITS = {"loss": 4, "ppl": 2, "bpb": 4, "acc": 4, "acc_norm_token": 4, "acc_norm_char": 4}
+
+
+def markdown(report: dict) -> str:
+    """The report as a markdown table: one row per task, a column per metric any task has."""
+    tasks = report["tasks"]
+    columns = [m for m in METRICS if any(r.get(m) is not None for r in tasks.values())]
+    m = report["model"]
+    lines = [f"Model: {m['source']}" + (f" step {m['step']}" if "step" in m else "")
+             + f" ({m['params'] / 1e6:.2f}M parameters, {m['tokenizer']} tokenizer, {m['config']['dtype']}); "
+             f"{report['devices']} devices, {report['wall_seconds']:.1f} s in all.", "",
+             "| task | " + " | ".join(columns) + " | scored | seconds | throughput |",
+             "|---|" + "---:|" * (len(columns) + 3)]
+    for key, r in tasks.items():
+        unit = "examples" if "examples" in r else "tokens"
+        rate = r.get(f"{unit}_per_sec")
+        cells = [f"{r[c]:.{_DIGITS[c]}f}" if r.get(c) is not None else "-" for c in columns]
+        cells += [f"{r[unit]:,} {unit}", f"{r['seconds']:.1f}", f"{rate:,.1f} {unit}/s" if rate else "-"]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(report: dict, json_path: str | Path) -> tuple[Path, Path]:
+    """Write the report to json_path and its markdown table beside it (.md), each atomically."""
+    json_path = Path(json_path)
+    md_path = json_path.with_suffix(".md")
+    try:
+        _write_atomic(json_path, json.dumps(report, indent=2) + "\n")
+        _write_atomic(md_path, markdown(report))
+    except OSError as e:
+        raise DataError(f"cannot write the report {json_path} ({e.strerror or e}); choose another --config.eval.out") \
+            from None
+    return json_path, md_path
+
+
+def run(config: ConfigDict, out: TextIO | None = None) -> dict:
+    """Evaluate the model `init_from` names on `eval.tasks`; print the table, write the report.
+
+    The report (a dict, also returned): `model` (source, checkpoint step, GPTConfig, parameters,
+    tokenizer), `tasks` (per task: its metrics, what was scored, seconds, throughput), `metrics` (the
+    flat eval/<key>/<metric> names), `devices`, `processes`, `mesh`, `wall_seconds`, `config`. Process 0
+    writes it to eval.out (default out_dir/eval.json) and eval.md beside it.
+
+    Raises UserError (one line) for bad input: config, checkpoint, data or text files.
+    """
+    t0 = time.time()
+    if config.init_from == "scratch":
+        raise ConfigError("init_from='scratch': nothing to evaluate; use resume (a training run's out_dir), a GPT-2 "
+                          "name such as gpt2, or a Hugging Face folder")
+    from nanogpt_jax import sample  # sample -> train -> evaluate: imported here, not at the top
+
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    model, params, tok, source = sample.load_model(config, mesh=mesh, checkpoint=config.eval.checkpoint)
+    logging.info("evaluating %s (%s, %.2fM parameters) on %s", source.get("pretrained") or
+                 f"{source['checkpoint']} step {source['step']}", model.config.dtype, model.num_params() / 1e6,
+                 ", ".join(config.eval.tasks))
+    evaluator = Evaluator(config, model, mesh, tok, config.eval.tasks, data_dir_hint=source.get("data_dir"))
+    results = evaluator.run(params)
+    report = {
+        "model": {"source": source.get("pretrained") or config.init_from, **source,
+                  "params": model.num_params(), "tokenizer": tok.name, "config": dataclasses.asdict(model.config)},
+        "tasks": results, "metrics": flat_metrics(results), "batch_size": evaluator.batch_size,
+        "devices": mesh.size, "processes": jax.process_count(), "mesh": dict(mesh.shape),
+        "device_kind": jax.devices()[0].device_kind, "compilations": evaluator.scorer.jitted._cache_size(),
+        "wall_seconds": time.time() - t0, "config": json.loads(config.to_json()),
+    }
+    if jax.process_index() == 0:
+        json_path, md_path = write_report(report, config.eval.out or Path(config.out_dir) / "eval.json")
+        (out or sys.stdout).write(markdown(report))
+        logging.info("wrote %s and %s", json_path, md_path)
+    return report
