@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -110,7 +111,7 @@ class Scorer:
         def score(params: Any, x_NKT: jax.Array, y_NKT: jax.Array, mask_NKT: jax.Array) -> jax.Array:
             N, K, T = x_NKT.shape
             losses_BT = token_losses(apply_fn(params, x_NKT.reshape(N * K, T)), y_NKT.reshape(N * K, T))
-            losses_BT = jax.numpy.where(mask_NKT.reshape(N * K, T) > 0, losses_BT, 0.0)
+            losses_BT = jnp.where(mask_NKT.reshape(N * K, T) > 0, losses_BT, 0.0)
             return losses_BT.sum(axis=-1).reshape(N, K)
 
         self.jitted = jax.jit(score, out_shardings=NamedSharding(mesh, P(sharding.BATCH_AXES, None)))

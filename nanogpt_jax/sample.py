@@ -71,6 +71,10 @@ def load_model(config: ConfigDict, mesh: jax.sharding.Mesh | None = None,
                             data_dir, config.data.data_dir)
             data_dir = config.data.data_dir
         tok = data.tokenizer_for(data_dir)
+        if record.get("tokenizer") not in (None, tok.name) or tok.n_vocab > model.config.vocab_size:
+            raise CheckpointError(f"{data_dir}'s {tok.n_vocab}-token {tok.name} tokenizer is not the checkpoint's "
+                                  f"({record.get('tokenizer')}, vocab_size {model.config.vocab_size}); pass the data "
+                                  "it was trained on as --config.data.data_dir")
         return model, params, tok, {"checkpoint": str(ckpt.directory), "step": step, "data_dir": data_dir}
     from nanogpt_jax import convert
 

@@ -255,3 +255,41 @@ def test_two_processes_give_the_one_process_result(tmp_path):
         assert {k: r["hellaswag"][k] for k in ("acc", "acc_norm_token", "acc_norm_char")} == \
             {k: one["hellaswag"][k] for k in ("acc", "acc_norm_token", "acc_norm_char")}
 
+
+
+# ---- a Hugging Face GPT-2 folder (GPT-2's BPE) --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=50257))
+    folder = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(folder)
+    return folder, hf.eval()  # no dropout
+
+
+def test_an_hf_folder_on_text_and_hellaswag_matches_transformers_loss(hf_folder, tmp_path):
+    import torch
+
+    folder, hf = hf_folder
+    text = "The quick brown fox jumps over the lazy dog, café and all."
+    (tmp_path / "fox.txt").write_text(text)
+    c = tiny_run_config(tmp_path / "no-data", tmp_path, **{
+        "init_from": str(folder), "eval.tasks": ("text", "hellaswag"), "eval.text_path": str(tmp_path / "fox.txt"),
+        "eval.max_examples": 5, "eval.cache_dir": str(tmp_path / "cache"), "eval.out": str(tmp_path / "r.json")})
+    report = evaluate.run(c)  # params placed on the 8-device mesh as they are read
+    ids = tokenizer.gpt2().encode(text)
+    assert len(ids) < 32  # one window: transformers' mean loss over ids[1:] is the oracle
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    r = report["tasks"]["text/fox"]
+    assert r["tokens"] == len(ids) - 1 and r["loss"] == pytest.approx(expected, abs=1e-5)
+    assert r["bytes"] == len(text.encode()) - len(tokenizer.gpt2().decode(ids[:1]).encode())
+    hs = report["tasks"]["hellaswag"]
+    assert hs["examples"] == 5 and set(report["metrics"]) >= {"eval/hellaswag/acc", "eval/hellaswag/acc_norm_token",
+                                                             "eval/hellaswag/acc_norm_char"}
+    assert report["model"]["source"] == str(folder) and report["model"]["tokenizer"] == "gpt2"
