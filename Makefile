@@ -35,5 +35,17 @@ export NANOGPT_DATA_MIRROR ?= $(SHARED_DATA)
 export TIKTOKEN_CACHE_DIR ?= $(SHARED_DATA)/tiktoken_cache
 endif
 
+# make demo: TinyShakespeare (characters), nanoGPT's CPU recipe for 2000 steps, then 500 sampled
+# characters; metrics, checkpoints and loss.png land in $(DEMO_OUT).
+DEMO_OUT ?= out-shakespeare-char-cpu
+DEMO_CONFIG := configs/shakespeare_char.py:cpu
+
+demo: $(STAMP)
+	$(PY) data_prep/shakespeare_char.py --out_dir data/shakespeare_char
+	$(PY) run_train.py --config $(DEMO_CONFIG) --config.out_dir=$(DEMO_OUT)
+	$(PY) run_sample.py --config $(DEMO_CONFIG) --config.out_dir=$(DEMO_OUT) --config.init_from=resume \
+		--config.sample.prompt="ROMEO:" --config.sample.max_new_tokens=500
+	@echo "loss curve: $(DEMO_OUT)/loss.png, figures: $(DEMO_OUT)/summary.json"
+
 clean:
 	rm -rf $(VENV) build *.egg-info
