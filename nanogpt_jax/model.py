@@ -210,6 +210,7 @@ class CausalSelfAttention(nn.Module):
     """
 
     config: GPTConfig
+    layer: int | None = None  # set: kv in decoding holds every layer's cache, this is its index
 
     @nn.compact
     def __call__(
@@ -227,14 +228,20 @@ class CausalSelfAttention(nn.Module):
         if kv is None:  # training and plain prediction: the whole sequence at once
             y_BTHK = self._attend(q_BTHK, k_BTHK, v_BTHK, deterministic)
         else:  # generation: write this step's keys/values at `pos`, attend over the whole buffer
-            k_BSHK = jax.lax.dynamic_update_slice(kv[0], k_BTHK.astype(kv[0].dtype), (0, pos, 0, 0))
-            v_BSHK = jax.lax.dynamic_update_slice(kv[1], v_BTHK.astype(kv[1].dtype), (0, pos, 0, 0))
+            if self.layer is None:  # kv holds this layer's (B, S, H, K) buffers (under nn.scan)
+                kv = (jax.lax.dynamic_update_slice(kv[0], k_BTHK.astype(kv[0].dtype), (0, pos, 0, 0)),
+                      jax.lax.dynamic_update_slice(kv[1], v_BTHK.astype(kv[1].dtype), (0, pos, 0, 0)))
+                k_BSHK, v_BSHK = kv
+            else:  # kv holds every layer's (L, B, S, H, K) buffers: update in place, read this layer's
+                start = (self.layer, 0, pos, 0, 0)
+                kv = (jax.lax.dynamic_update_slice(kv[0], k_BTHK[None].astype(kv[0].dtype), start),
+                      jax.lax.dynamic_update_slice(kv[1], v_BTHK[None].astype(kv[1].dtype), start))
+                k_BSHK, v_BSHK = kv[0][self.layer], kv[1][self.layer]
             T, S = q_BTHK.shape[1], k_BSHK.shape[1]
             # query t sits at position pos + t and may see keys at positions <= pos + t
             mask_TS = jnp.arange(S)[None, :] <= (pos + jnp.arange(T))[:, None]
             y_BTHK = jax.nn.dot_product_attention(
                 q_BTHK, k_BSHK, v_BSHK, mask=mask_TS[None, None], implementation="xla")
-            kv = (k_BSHK, v_BSHK)
 
         # the residual projection: scaled init so the stream's variance does not grow with depth
         # (GPT-2 paper, section 2.3: weights of residual layers scaled by 1/sqrt(N), N = 2 per block)
@@ -291,13 +298,15 @@ class Block(nn.Module):
     """
 
     config: GPTConfig
+    layer: int | None = None  # see CausalSelfAttention.layer
 
     @nn.compact
     def __call__(
         self, x_BTD: Array, kv: tuple[Array, Array] | None, pos: Array | int, deterministic: bool
     ) -> tuple[Array, tuple[Array, Array] | None]:
         c = self.config
-        y_BTD, kv = CausalSelfAttention(c, name="attn")(_layer_norm(c, "ln_1")(x_BTD), kv, pos, deterministic)
+        attn = CausalSelfAttention(c, self.layer, name="attn")
+        y_BTD, kv = attn(_layer_norm(c, "ln_1")(x_BTD), kv, pos, deterministic)
         x_BTD = x_BTD + y_BTD
         x_BTD = x_BTD + MLP(c, name="mlp")(_layer_norm(c, "ln_2")(x_BTD), deterministic)
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed_act"))
@@ -345,7 +354,7 @@ class GPT(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c)
         else:
-            self.h = [block(c) for _ in range(c.n_layer)]
+            self.h = [block(c, i) for i in range(c.n_layer)]
         self.ln_f = _layer_norm(c, "ln_f")
 
     # ---- the forward passes -----------------------------------------------------------------
@@ -374,11 +383,12 @@ class GPT(nn.Module):
             x_BTD, kv = self.h(x_BTD, kv, pos, deterministic)
             cache = None if cache is None else KVCache(*kv)
         else:
-            for i, block in enumerate(self.h):
-                kv = None if cache is None else (cache.k_LBSHK[i], cache.v_LBSHK[i])
+            # each block writes its keys/values into the whole cache in place (block.layer says where):
+            # slicing a layer out and setting it back made XLA copy the full cache once per layer
+            kv = None if cache is None else (cache.k_LBSHK, cache.v_LBSHK)
+            for block in self.h:
                 x_BTD, kv = block(x_BTD, kv, pos, deterministic)
-                if cache is not None:  # in place in a decode loop: one layer's slot per update
-                    cache = KVCache(cache.k_LBSHK.at[i].set(kv[0]), cache.v_LBSHK.at[i].set(kv[1]))
+            cache = None if cache is None else KVCache(*kv)
         return self.ln_f(x_BTD), cache
 
     def logits(self, h_BTD: Array) -> Array:
