@@ -27,11 +27,12 @@ import jax.numpy as jnp
 from nanogpt_jax import generate as gen
 from nanogpt_jax.model import GPT, GPTConfig, init_params
 
-CASES = {  # name: (batch size, dtype, KV cache)
-    "fp32-b1": (1, "float32", True),
-    "fp32-b8": (8, "float32", True),
-    "bf16-b1": (1, "bfloat16", True),
-    "nocache-b1": (1, "float32", False),
+CASES = {  # name: (batch size, dtype, how): generate's jitted loop, stream's step per call, or no cache
+    "fp32-b1": (1, "float32", "generate"),
+    "fp32-b8": (8, "float32", "generate"),
+    "bf16-b1": (1, "bfloat16", "generate"),
+    "stream-b1": (1, "float32", "stream"),
+    "nocache-b1": (1, "float32", "nocache"),
 }
 
 
@@ -51,12 +52,17 @@ def recompute_greedy(model: GPT, params: dict, idx_BT: jax.Array, max_new_tokens
     return jax.lax.fori_loop(0, max_new_tokens, step, tokens_BN)
 
 
-def bench_case(config: GPTConfig, params: dict, batch_size: int, cache: bool, prompt_len: int,
+def bench_case(config: GPTConfig, params: dict, batch_size: int, how: str, prompt_len: int,
                max_new_tokens: int, repeats: int) -> dict:
     """Compile once, time `repeats` calls; seconds and tokens/s (greedy: sampling costs ~nothing)."""
     model = GPT(config)
     idx_BT = jax.random.randint(jax.random.key(1), (batch_size, prompt_len), 0, config.vocab_size, jnp.int32)
-    if cache:
+    if how == "stream":  # stream compiles on its first pass: report that pass minus a warm one
+        run = lambda: jnp.asarray(list(gen.stream(model, params, idx_BT, max_new_tokens, temperature=0)))
+        t0 = time.perf_counter()
+        run()
+        compile_s = time.perf_counter() - t0
+    elif how == "generate":
         sampling = gen.Sampling(0.0, None, None, config.vocab_size, None)
         args = dict(model=model, max_new_tokens=max_new_tokens)
         t0 = time.perf_counter()
@@ -69,14 +75,17 @@ def bench_case(config: GPTConfig, params: dict, batch_size: int, cache: bool, pr
         compiled = recompute_greedy.lower(model, params, idx_BT, max_new_tokens).compile()
         compile_s = time.perf_counter() - t0
         run = lambda: compiled(params, idx_BT)
+    t0 = time.perf_counter()
     run().block_until_ready()  # warm-up: first-call allocations
+    if how == "stream":
+        compile_s -= time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         run().block_until_ready()
         times.append(time.perf_counter() - t0)
     best = min(times)
-    return dict(batch_size=batch_size, dtype=config.dtype, cache=cache, compile_s=compile_s, times_s=times,
+    return dict(batch_size=batch_size, dtype=config.dtype, how=how, compile_s=compile_s, times_s=times,
                 tokens_per_s=max_new_tokens / best, tokens_per_s_worst=max_new_tokens / max(times),
                 tokens_per_s_median=max_new_tokens / statistics.median(times),
                 total_tokens_per_s=batch_size * max_new_tokens / best)
@@ -102,9 +111,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{'case':<12} {'compile s':>9} {'tok/s/row':>9} {'median':>7} {'worst':>7} {'tok/s all':>9}  run s")
     results = []
     for name in args.cases.split(","):
-        batch_size, dtype, cache = CASES[name]
+        batch_size, dtype, how = CASES[name]
         config = dataclasses.replace(base, dtype=dtype)
-        r = bench_case(config, params, batch_size, cache, args.prompt_len, args.max_new_tokens, args.repeats)
+        r = bench_case(config, params, batch_size, how, args.prompt_len, args.max_new_tokens, args.repeats)
         results.append(dict(case=name, **r))
         print(f"{name:<12} {r['compile_s']:9.1f} {r['tokens_per_s']:9.1f} {r['tokens_per_s_median']:7.1f} "
               f"{r['tokens_per_s_worst']:7.1f} {r['total_tokens_per_s']:9.1f}  "
