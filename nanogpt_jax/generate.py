@@ -166,7 +166,13 @@ def _check_inputs(
         vocab_limit=int(vocab_limit),
         stop_token=None if stop_token is None else int(stop_token),
     )
-    rng = jax.random.key(0) if rng is None else rng
+    if rng is None:
+        rng = jax.random.key(0)
+    elif not isinstance(rng, jax.Array) or not (
+            (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.shape == ())
+            or (rng.dtype == jnp.uint32 and rng.shape == (2,))):  # a typed key, or a legacy PRNGKey
+        got = f"{rng.dtype}{list(rng.shape)}" if isinstance(rng, jax.Array) else repr(rng)
+        raise ValueError(f"rng must be a single key from jax.random.key(seed), got {got}")
     return model, jnp.asarray(idx, jnp.int32), sampling, rng
 
 

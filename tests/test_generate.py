@@ -218,6 +218,7 @@ def test_bf16_model_generates_int32(tiny_config, tiny_params):
     ({"top_p": 1.5}, None, "top_p=1.5"),
     ({"stop_token": 97}, None, "stop_token=97"),
     ({"vocab_limit": 98}, None, "vocab_limit=98"),
+    ({"rng": 0}, None, "rng must be a single key"),
 ])
 def test_bad_input_raises_one_line(model, tiny_params, kwargs, idx, match):
     idx = np.zeros((1, 3), np.int32) if idx is None else idx
