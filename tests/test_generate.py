@@ -21,10 +21,9 @@ from nanogpt_jax.generate import (
 from nanogpt_jax.model import GPT, init_params
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
-def recompute_step(model, params, context_BT, temperature, top_k, top_p, key):
-    logits_BV = model.apply({"params": params}, context_BT, targets=False, method=GPT.predict)[:, 0]
-    return sample_logits(logits_BV, key, temperature, top_k, top_p)
+@functools.partial(jax.jit, static_argnums=0)
+def last_logits(model, params, context_BT):
+    return model.apply({"params": params}, context_BT, targets=False, method=GPT.predict)[:, 0]
 
 
 def recompute(model, params, idx, n, temperature=0.0, top_k=None, top_p=None, rng=None):
@@ -32,10 +31,10 @@ def recompute(model, params, idx, n, temperature=0.0, top_k=None, top_p=None, rn
 
     No cache: `predict(idx[:, -block_size:], targets=False)` each step, with generate's per-step keys."""
     rng = jax.random.key(0) if rng is None else rng
+    sample = jax.jit(functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p))
     for i in range(n):
-        tok = recompute_step(model, params, idx[:, -model.config.block_size:], temperature, top_k, top_p,
-                             jax.random.fold_in(rng, i))
-        idx = jnp.concatenate([idx, tok[:, None]], axis=1)
+        logits_BV = last_logits(model, params, idx[:, -model.config.block_size:])
+        idx = jnp.concatenate([idx, sample(logits_BV, jax.random.fold_in(rng, i))[:, None]], axis=1)
     return np.asarray(idx)
 
 
