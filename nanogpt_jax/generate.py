@@ -133,14 +133,14 @@ def _check_inputs(
         return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
     idx = np.asarray(idx_BT)
+    if idx.ndim == 2 and idx.shape[0] == 0:
+        raise ValueError("idx has no rows (batch size 0)")
+    if idx.size == 0:  # before the dtype: np.asarray([]) is float
+        raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's end-of-text token)")
     if not np.issubdtype(idx.dtype, np.integer):
         raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}")
     if idx.ndim != 2:
         raise ValueError(f"idx must be (batch, tokens), got shape {idx.shape}; add a batch axis: idx[None]")
-    if idx.shape[1] == 0:
-        raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's end-of-text token)")
-    if idx.shape[0] == 0:
-        raise ValueError("idx has no rows (batch size 0)")
     if idx.min() < 0 or idx.max() >= V:
         raise ValueError(f"token ids must be in [0, {V}) for vocab_size={V}, got {idx.min()}..{idx.max()}")
     if not is_int(max_new_tokens) or max_new_tokens < 0:

@@ -207,6 +207,7 @@ def test_bf16_model_generates_int32(tiny_config, tiny_params):
 
 @pytest.mark.parametrize("kwargs, idx, match", [
     ({}, np.zeros((2, 0), np.int32), "prompt is empty"),
+    ({}, [[]], "prompt is empty"),
     ({"temperature": -0.5}, None, "temperature=-0.5"),
     ({"max_new_tokens": -1}, None, "max_new_tokens=-1"),
     ({}, np.zeros((1, 3), np.float32), "integer token ids"),
