@@ -159,17 +159,17 @@ def lm_loss(logits_BTV: Array, targets_BT: Array) -> Array:
 class KVCache:
     """Keys and values of every layer for positions 0..S-1, in fixed-size buffers.
 
-    k_LBSHK, v_LBSHK: (n_layer, B, S, n_head, head_size) in the compute dtype. Which positions
+    k_LBHSK, v_LBHSK: (n_layer, B, n_head, S, head_size) in the compute dtype. Which positions
     are filled is tracked by the caller (`pos` in `GPT.decode`); unfilled slots are masked out.
     """
 
-    k_LBSHK: Array
-    v_LBSHK: Array
+    k_LBHSK: Array
+    v_LBHSK: Array
 
     @classmethod
     def zeros(cls, config: GPTConfig, batch_size: int, length: int | None = None) -> KVCache:
         """An empty cache for `batch_size` rows and `length` positions (default block_size)."""
-        shape = (config.n_layer, batch_size, length or config.block_size, config.n_head, config.head_size)
+        shape = (config.n_layer, batch_size, config.n_head, length or config.block_size, config.head_size)
         return cls(jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype))
 
 
@@ -234,6 +234,7 @@ class CausalSelfAttention(nn.Module):
     """
 
     config: GPTConfig
+    layer: int | None = None  # set: kv in decoding holds every layer's cache, this is its index
 
     @nn.compact
     def __call__(
@@ -249,14 +250,25 @@ class CausalSelfAttention(nn.Module):
         if kv is None:  # training and plain prediction: the whole sequence at once
             y_BTHK = self._attend(q_BTHK, k_BTHK, v_BTHK, deterministic)
         else:  # generation: write this step's keys/values at `pos`, attend over the whole buffer
-            k_BSHK = jax.lax.dynamic_update_slice(kv[0], k_BTHK.astype(kv[0].dtype), (0, pos, 0, 0))
-            v_BSHK = jax.lax.dynamic_update_slice(kv[1], v_BTHK.astype(kv[1].dtype), (0, pos, 0, 0))
-            T, S = q_BTHK.shape[1], k_BSHK.shape[1]
+            # the cache is head-major, (B, H, S, K): the two attention matmuls then read it as it lies
+            # (a (B, S, H, K) cache was transposed, i.e. copied, by both of them in every layer)
+            k_BHTK, v_BHTK = (x.transpose(0, 2, 1, 3).astype(kv[0].dtype) for x in (k_BTHK, v_BTHK))
+            if self.layer is None:  # kv holds this layer's (B, H, S, K) buffers (under nn.scan)
+                kv = (jax.lax.dynamic_update_slice(kv[0], k_BHTK, (0, 0, pos, 0)),
+                      jax.lax.dynamic_update_slice(kv[1], v_BHTK, (0, 0, pos, 0)))
+                k_BHSK, v_BHSK = kv
+            else:  # kv holds every layer's (L, B, H, S, K) buffers: update in place, read this layer's
+                start = (self.layer, 0, 0, pos, 0)
+                kv = (jax.lax.dynamic_update_slice(kv[0], k_BHTK[None], start),
+                      jax.lax.dynamic_update_slice(kv[1], v_BHTK[None], start))
+                k_BHSK, v_BHSK = kv[0][self.layer], kv[1][self.layer]
+            T, S = q_BTHK.shape[1], k_BHSK.shape[2]
+            scores_BHTS = jnp.einsum("bthk,bhsk->bhts", q_BTHK, k_BHSK, preferred_element_type=jnp.float32)
             # query t sits at position pos + t and may see keys at positions <= pos + t
             mask_TS = jnp.arange(S)[None, :] <= (pos + jnp.arange(T))[:, None]
-            y_BTHK = jax.nn.dot_product_attention(
-                q_BTHK, k_BSHK, v_BSHK, mask=mask_TS[None, None], implementation="xla")
-            kv = (k_BSHK, v_BSHK)
+            scores_BHTS = jnp.where(mask_TS, scores_BHTS / math.sqrt(c.head_size), -jnp.inf)
+            probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(v_BHSK.dtype)
+            y_BTHK = jnp.einsum("bhts,bhsk->bthk", probs_BHTS, v_BHSK)
 
         # the residual projection: scaled init so the stream's variance does not grow with depth
         # (GPT-2 paper, section 2.3: weights of residual layers scaled by 1/sqrt(N), N = 2 per block)
@@ -312,13 +324,15 @@ class Block(nn.Module):
     """
 
     config: GPTConfig
+    layer: int | None = None  # see CausalSelfAttention.layer
 
     @nn.compact
     def __call__(
         self, x_BTD: Array, kv: tuple[Array, Array] | None, pos: Array | int, deterministic: bool
     ) -> tuple[Array, tuple[Array, Array] | None]:
         c = self.config
-        y_BTD, kv = CausalSelfAttention(c, name="attn")(_layer_norm(c, "ln_1")(x_BTD), kv, pos, deterministic)
+        attn = CausalSelfAttention(c, self.layer, name="attn")
+        y_BTD, kv = attn(_layer_norm(c, "ln_1")(x_BTD), kv, pos, deterministic)
         x_BTD = x_BTD + y_BTD
         x_BTD = x_BTD + MLP(c, name="mlp")(_layer_norm(c, "ln_2")(x_BTD), deterministic)
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed_act"))
@@ -366,7 +380,7 @@ class GPT(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c)
         else:
-            self.h = [block(c) for _ in range(c.n_layer)]
+            self.h = [block(c, i) for i in range(c.n_layer)]
         self.ln_f = _layer_norm(c, "ln_f")
 
     # ---- the forward passes -----------------------------------------------------------------
@@ -391,15 +405,16 @@ class GPT(nn.Module):
         x_BTD = self.drop(self.wte(idx_BT) + self.wpe(pos_T)[None], deterministic=deterministic)
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed_act"))
         if self.config.scan_layers:
-            kv = None if cache is None else (cache.k_LBSHK, cache.v_LBSHK)
+            kv = None if cache is None else (cache.k_LBHSK, cache.v_LBHSK)
             x_BTD, kv = self.h(x_BTD, kv, pos, deterministic)
             cache = None if cache is None else KVCache(*kv)
         else:
-            for i, block in enumerate(self.h):
-                kv = None if cache is None else (cache.k_LBSHK[i], cache.v_LBSHK[i])
+            # each block writes its keys/values into the whole cache in place (block.layer says where):
+            # slicing a layer out and setting it back made XLA copy the full cache once per layer
+            kv = None if cache is None else (cache.k_LBHSK, cache.v_LBHSK)
+            for block in self.h:
                 x_BTD, kv = block(x_BTD, kv, pos, deterministic)
-                if cache is not None:  # in place in a decode loop: one layer's slot per update
-                    cache = KVCache(cache.k_LBSHK.at[i].set(kv[0]), cache.v_LBSHK.at[i].set(kv[1]))
+            cache = None if cache is None else KVCache(*kv)
         return self.ln_f(x_BTD), cache
 
     def logits(self, h_BTD: Array) -> Array:
