@@ -6,6 +6,7 @@ latest or best checkpoint, with the tokenizer of the data it was trained on, fro
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -78,13 +79,13 @@ def load_model(config: ConfigDict, mesh: jax.sharding.Mesh | None = None,
         return model, params, tok, {"checkpoint": str(ckpt.directory), "step": step, "data_dir": data_dir}
     from nanogpt_jax import convert
 
-    shards = None
-    if mesh is not None:
-        shape = convert.pretrained_config(init, **options, block_size=config.model.block_size)
-        shards = param_shardings(GPT(shape), mesh)
-    model, params = convert.load_pretrained(init, shardings=shards, **options, block_size=config.model.block_size)
-    if jax.default_backend() != "cpu" and dtype == "bfloat16":  # half the memory; sampling needs no fp32 master
-        params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    shape = convert.pretrained_config(init, **options)
+    # the checkpoint's context, or a shorter one if the config asks (a longer one cannot exist)
+    options["block_size"] = min(config.model.block_size, shape.block_size)
+    shards = None if mesh is None else param_shardings(GPT(dataclasses.replace(shape, **options)), mesh)
+    # bf16 parameters on an accelerator: half the memory, and sampling needs no fp32 master copy
+    param_dtype = "bfloat16" if jax.default_backend() != "cpu" and dtype == "bfloat16" else "float32"
+    model, params = convert.load_pretrained(init, shardings=shards, param_dtype=param_dtype, **options)
     return model, params, tokenizer.gpt2(), {"pretrained": init}
 
 

@@ -209,8 +209,8 @@ class _Run:
         self.logger = loggers.MetricLogger(self.out_dir, tensorboard=c.log.tensorboard, csv=c.log.csv,
                                            wandb_project=c.log.wandb_project, config=c.to_dict(),
                                            resume_step=self.start if resumed else None, total_steps=c.train.max_iters)
-        self.record = {"config": json.loads(c.to_json()), "model": asdict(gcfg), "data_dir": str(Path(c.data.data_dir).resolve()),
-                       "tokenizer": dataset.meta.get("tokenizer")}
+        self.record = {"config": json.loads(c.to_json()), "model": asdict(gcfg),
+                       "data_dir": str(Path(c.data.data_dir).resolve()), "tokenizer": dataset.meta.get("tokenizer")}
         self.step = self.start
         self.stopped_by: int | None = None
         self.step_times: list[float] = []
