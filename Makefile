@@ -21,7 +21,15 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The TPU compiler (libtpu, a ~210 MB wheel), for `python -m nanogpt_jax.aot` and its tests: it compiles for
+# TPU slices on this machine. jax[tpu] at the installed jax's version brings the libtpu that jax pins; JAX
+# still runs on the CPU (or GPU) here, as before.
+TPU_STAMP := $(VENV)/.installed-libtpu
+$(TPU_STAMP): $(STAMP)
+	$(PIP) install -q -c $(VENV)/constraints.txt "jax[tpu]==$$($(PY) -c 'import jax; print(jax.__version__)')"
+	@touch $@
+
+test: $(STAMP) $(TPU_STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -1,0 +1,61 @@
+"""Compiling the train step for a TPU slice on this CPU machine (libtpu; `make test` installs it)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from nanogpt_jax import aot
+from nanogpt_jax.errors import ConfigError
+
+pytest.importorskip("libtpu", reason="the TPU compiler: `make test` installs it (pip install libtpu)")
+
+
+@pytest.mark.parametrize("name,jax_name,devices,hbm_gib", [
+    ("v5e-8", "v5e:2x4", 8, 16),
+    ("v5litepod-4", "v5e:2x2", 4, 16),
+    ("v4-8", "v4:2x2x1", 4, 32),  # 4 chips of 2 TensorCores, one JAX device each (megacore)
+    ("v4-32", "v4:2x2x4", 16, 32),
+    ("v5p-8", "v5p:2x2x1", 4, 95),
+    ("v6e:2x2", "v6e:2x2", 4, 32),
+])
+def test_topologies(name, jax_name, devices, hbm_gib):
+    topo = aot.topology(name)
+    assert (topo.jax_name, len(topo.devices), topo.hbm_bytes) == (jax_name, devices, hbm_gib * 2**30)
+    assert topo.devices[0].platform == "tpu"
+
+
+@pytest.mark.parametrize("name", ["v5e-7", "v9-8", "h100-8"])
+def test_bad_topology_is_a_config_error(name):
+    with pytest.raises(ConfigError, match=rf"--topology={name!r}"):
+        aot.topology(name)
+
+
+@pytest.mark.slow
+def test_tiny_config_compiles_for_a_tpu_and_agrees_with_the_estimator(tmp_path):
+    """The CLI on configs/tiny.py widened to TPU-friendly sizes (multiples of 128: the TPU pads
+    smaller dimensions), fully sharded over a v5e-4: it compiles, fits, and the memory estimate is
+    within 15% of XLA's."""
+    out = tmp_path / "aot.json"
+    args = {"model.n_layer": 2, "model.n_head": 2, "model.n_embd": 256, "model.block_size": 256,
+            "model.vocab_size": 2048, "model.dtype": "bfloat16", "train.batch_size": 16,
+            "train.gradient_accumulation_steps": 2, "mesh.data": 1, "mesh.fsdp": 4}
+    done = subprocess.run(
+        [sys.executable, "-m", "nanogpt_jax.aot", "--config", str(ROOT / "configs/tiny.py"), "--topology=v5e-4",
+         f"--json={out}", *[f"--config.{k}={v}" for k, v in args.items()]],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fits: " in done.stdout and "compile " in done.stdout, done.stdout
+    r = json.loads(out.read_text())
+    assert r["devices"] == 4 and r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and r["fits"]
+    assert r["tokens_per_step"] == 2 * 16 * 256
+    mem, est = r["memory"], r["estimate"]
+    # what the step keeps between steps: parameters and AdamW moments, a quarter each, and the batch
+    assert mem["argument_size_in_bytes"] == pytest.approx(est["params"] + est["opt_state"] + est["batch"], rel=0.15)
+    assert r["compiled_bytes"] == pytest.approx(est["total"], rel=0.15)
+    # XLA's FLOPs per chip: the model's 6N + 12LdT estimate plus what it leaves out (softmax, norms, AdamW)
+    assert 0.9 < r["flops"] / r["model_flops"] < 1.5
