@@ -83,6 +83,7 @@ def topology(name: str) -> Topology:
                               f"{gen}:2x2x4")
     from jax.experimental import topologies
 
+    _off_a_tpu_vm()
     kwargs = {"chip_config_name": "megacore"} if megacore else {}
     try:
         devices = topologies.get_topology_desc(f"{gen}:{shape}", "tpu", **kwargs).devices
@@ -94,9 +95,10 @@ def topology(name: str) -> Topology:
     return Topology(name, gen, f"{gen}:{shape}", list(devices))
 
 
-def _quiet_libtpu_on_a_cpu_host() -> None:
-    """libtpu asks the TPU VM's metadata for its slice and prints warnings when there is none; off a
-    TPU VM, tell it the answers (the compile-only topology does not depend on them)."""
+def _off_a_tpu_vm() -> None:
+    """libtpu asks the TPU VM's metadata for its slice and prints warnings when there is none, and
+    lets one process at a time use it (a lock file); off a TPU VM, where it only compiles, tell it
+    the answers (the compile-only topology does not depend on them) and drop the lock."""
     import os
 
     try:
@@ -109,6 +111,7 @@ def _quiet_libtpu_on_a_cpu_host() -> None:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 @dataclasses.dataclass
@@ -155,7 +158,6 @@ def compile_train_step(config: ConfigDict, topology_name: str) -> Report:
 
     from nanogpt_jax import step, train
 
-    _quiet_libtpu_on_a_cpu_host()
     topo = topology(topology_name)
     n = len(topo.devices)
     shape = memory.mesh_shape_for(config, n)

@@ -36,26 +36,29 @@ def test_bad_topology_is_a_config_error(name):
 
 @pytest.mark.slow
 def test_tiny_config_compiles_for_a_tpu_and_agrees_with_the_estimator(tmp_path):
-    """The CLI on configs/tiny.py widened to TPU-friendly sizes (multiples of 128: the TPU pads
-    smaller dimensions), fully sharded over a v5e-4: it compiles, fits, and the memory estimate is
-    within 15% of XLA's."""
+    """The CLI on configs/tiny.py widened to TPU-friendly sizes (each chip's slice of a weight a
+    multiple of 128 wide: the TPU pads narrower ones), fully sharded over a v5e-4: it compiles, it
+    fits, and its memory is what the estimator says."""
     out = tmp_path / "aot.json"
-    args = {"model.n_layer": 2, "model.n_head": 2, "model.n_embd": 256, "model.block_size": 256,
+    args = {"model.n_layer": 2, "model.n_head": 4, "model.n_embd": 512, "model.block_size": 256,
             "model.vocab_size": 2048, "model.dtype": "bfloat16", "train.batch_size": 16,
             "train.gradient_accumulation_steps": 2, "mesh.data": 1, "mesh.fsdp": 4}
     done = subprocess.run(
         [sys.executable, "-m", "nanogpt_jax.aot", "--config", str(ROOT / "configs/tiny.py"), "--topology=v5e-4",
          f"--json={out}", *[f"--config.{k}={v}" for k, v in args.items()]],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-        timeout=600)
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                           JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fits: " in done.stdout and "compile " in done.stdout, done.stdout
     r = json.loads(out.read_text())
     assert r["devices"] == 4 and r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and r["fits"]
-    assert r["tokens_per_step"] == 2 * 16 * 256
+    assert r["tokens_per_step"] == 2 * 16 * 256 and r["model"]["dtype"] == "bfloat16"
     mem, est = r["memory"], r["estimate"]
-    # what the step keeps between steps: parameters and AdamW moments, a quarter each, and the batch
-    assert mem["argument_size_in_bytes"] == pytest.approx(est["params"] + est["opt_state"] + est["batch"], rel=0.15)
-    assert r["compiled_bytes"] == pytest.approx(est["total"], rel=0.15)
-    # XLA's FLOPs per chip: the model's 6N + 12LdT estimate plus what it leaves out (softmax, norms, AdamW)
-    assert 0.9 < r["flops"] / r["model_flops"] < 1.5
+    # the step's arguments: a quarter of the parameters and of both AdamW moments each, and the batch
+    assert mem["argument_size_in_bytes"] == pytest.approx(est["params"] + est["opt_state"] + est["batch"], rel=0.05)
+    # temporaries this small stay in the chip's on-chip memory: HBM sees at most the estimate
+    temporaries = est["grads"] + est["weights"] + est["activations"] + est["logits"]
+    assert 0 <= mem["temp_size_in_bytes"] <= temporaries
+    # XLA's FLOPs per chip count the micro-step loop's body once: x2 gives the step, which is the model's
+    # 6N + 12LdT plus what that leaves out (softmax, LayerNorms, AdamW)
+    assert 0.9 < 2 * r["flops"] / r["model_flops"] < 1.5
