@@ -27,11 +27,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from absl import flags, logging
+from absl import flags
 from ml_collections import ConfigDict
 
 from nanogpt_jax import memory, metrics, sharding
-from nanogpt_jax.errors import ConfigError
+from nanogpt_jax.errors import ConfigError, UserError
 from nanogpt_jax.model import GPT
 from nanogpt_jax.optim import make_optimizer
 
@@ -130,7 +130,7 @@ class Report:
     tokens_per_step: int
     memory: dict[str, int] | None  # memory_analysis(); None when XLA could not fit the program
     estimate: dict[str, int]
-    flops: float | None  # compiled cost_analysis() FLOPs per chip per step
+    flops: float | None  # cost_analysis() FLOPs per chip, each loop body (micro-step, scanned layer) once
     model_flops: float  # 6N + 12 L d T per token (metrics.FLOPS_FORMULA) x tokens / chips
     peak_flops: float | None  # per chip, bf16 datasheet
     lower_seconds: float
@@ -262,15 +262,23 @@ _JSON = flags.DEFINE_string("json", None, "also write the report to this JSON fi
 
 
 def main(config: ConfigDict) -> Report:
-    """`python -m nanogpt_jax.aot`: compile and print the report (and write --json)."""
+    """`python -m nanogpt_jax.aot`: compile and print the report (and write --json).
+
+    Raises:
+        UserError: the step does not fit the chip's HBM (after printing the report), so the CLI
+            exits 1; ConfigError for a bad topology, mesh or batch.
+    """
     report = compile_train_step(config, _TOPOLOGY.value)
     print(format_report(report), flush=True)
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             json.dump(dataclasses.asdict(report) | {"compiled_bytes": report.compiled_bytes, "fits": report.fits},
                       f, indent=2)
-    if report.error:
-        logging.info("the program does not fit: %s", report.error)
+    if not report.fits:
+        why = f"XLA: {report.error}" if report.error else f"{report.compiled_bytes / GiB:.1f} GiB per chip"
+        raise UserError(f"the train step does not fit {report.topology}'s {report.hbm_bytes // GiB} GiB per chip "
+                        f"({why}); shard more (mesh.fsdp), lower train.batch_size (raise "
+                        "gradient_accumulation_steps) or set model.remat=full")
     return report
 
 

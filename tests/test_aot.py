@@ -34,6 +34,29 @@ def test_bad_topology_is_a_config_error(name):
         aot.topology(name)
 
 
+def _aot_cli(*args, json_path):
+    return subprocess.run(
+        [sys.executable, "-m", "nanogpt_jax.aot", f"--json={json_path}", *args], cwd=ROOT, capture_output=True,
+        text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                 JAX_PLATFORMS="cpu"))
+
+
+def test_a_step_that_does_not_fit_is_reported_and_exits_1(tmp_path):
+    """gpt2-xl data parallel on v5e-8: 12 bytes of state per parameter alone are 17 GiB per 16 GiB chip.
+    XLA refuses it quickly (before scheduling), so this is cheap."""
+    out = tmp_path / "aot.json"
+    done = _aot_cli("--config", str(ROOT / "configs/finetune_shakespeare.py"), "--topology=v5e-8",
+                    "--config.model.dtype=bfloat16", "--config.model.scan_layers=True", "--config.model.remat=full",
+                    "--config.mesh.data=8", "--config.train.batch_size=8", json_path=out)
+    assert done.returncode == 1
+    assert "does NOT fit: XLA could not compile it (RESOURCE_EXHAUSTED" in done.stdout, done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the train step does not fit v5e-8's 16 GiB per chip (XLA: RESOURCE_EXHAUSTED")
+    r = json.loads(out.read_text())
+    assert r["memory"] is None and not r["fits"] and r["estimate"]["total"] > 16 * 2**30
+
+
 @pytest.mark.slow
 def test_tiny_config_compiles_for_a_tpu_and_agrees_with_the_estimator(tmp_path):
     """The CLI on configs/tiny.py widened to TPU-friendly sizes (each chip's slice of a weight a
@@ -43,11 +66,8 @@ def test_tiny_config_compiles_for_a_tpu_and_agrees_with_the_estimator(tmp_path):
     args = {"model.n_layer": 2, "model.n_head": 4, "model.n_embd": 512, "model.block_size": 256,
             "model.vocab_size": 2048, "model.dtype": "bfloat16", "train.batch_size": 16,
             "train.gradient_accumulation_steps": 2, "mesh.data": 1, "mesh.fsdp": 4}
-    done = subprocess.run(
-        [sys.executable, "-m", "nanogpt_jax.aot", "--config", str(ROOT / "configs/tiny.py"), "--topology=v5e-4",
-         f"--json={out}", *[f"--config.{k}={v}" for k, v in args.items()]],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                           JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600)
+    done = _aot_cli("--config", str(ROOT / "configs/tiny.py"), "--topology=v5e-4",
+                    *[f"--config.{k}={v}" for k, v in args.items()], json_path=out)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fits: " in done.stdout and "compile " in done.stdout, done.stdout
     r = json.loads(out.read_text())
