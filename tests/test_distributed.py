@@ -151,6 +151,7 @@ def test_two_processes_equal_one_then_sigterm_saves_one_step_and_resumes_in_one(
             p.kill()
     for i, (p, output) in enumerate(zip(procs, outputs, strict=True)):
         assert p.returncode == 0, f"process {i}:\n{output[-3000:]}"
+    assert "| loss " in outputs[0] and "| loss " not in outputs[1]  # only process 0 logs (console, CSV, TensorBoard)
     saved = [re.findall(r"saved step (\d+) after SIGTERM", output) for output in outputs]
     assert saved[0] and saved[0] == saved[1], saved  # one save, the same step, on both processes
     stop = int(saved[0][0])
@@ -161,6 +162,7 @@ def test_two_processes_equal_one_then_sigterm_saves_one_step_and_resumes_in_one(
         "ocdbt.process_0", "ocdbt.process_1"}  # each process wrote its own shards
 
     ref_loss, ref_val = _by_step(ref, "train/loss"), _by_step(ref, "val/loss")
+    assert loggers.read_metrics(out)["step"].count(1) == 1  # one writer: no step logged twice
     loss, val = _by_step(out, "train/loss"), _by_step(out, "val/loss")
     assert sorted(loss) == list(range(stop)) and sorted(val) == [0, 10]
     np.testing.assert_allclose([loss[s] for s in range(stop)], [ref_loss[s] for s in range(stop)], rtol=1e-5)
