@@ -1,6 +1,6 @@
 """Compile the real train step for a TPU slice on any machine, and see whether it fits.
 
-    pip install -e .[tpu]          # or just libtpu: the TPU compiler, which runs on a CPU
+    pip install -e .[tpu]          # libtpu, the TPU compiler; it runs on any x86-64 Linux machine
     python -m nanogpt_jax.aot --config configs/owt.py:gpt2-xl --config.mesh.data=1 --config.mesh.fsdp=8 \\
         --topology v5e-8
 
@@ -9,7 +9,12 @@ mesh of the config over the devices of `--topology`, lowers `step.make_train_ste
 abstract inputs (no array is ever allocated) and compiles it with the TPU compiler. It prints the
 compiled program's memory per chip (`memory_analysis()`) beside `nanogpt_jax.memory`'s estimate,
 whether that fits the chip's HBM, the FLOPs per chip (`cost_analysis()`) and the compile time.
-If XLA cannot fit the program, compilation itself fails and the tool says so.
+If XLA cannot fit the program, compilation itself fails and the tool says so (exit status 1).
+
+Off a TPU VM, an importable libtpu makes every JAX program try the (absent) TPU first and print
+libtpu's warnings; to keep it out of the way, install it elsewhere and name it for this tool only:
+`pip install --target ~/libtpu libtpu` and `TPU_LIBRARY_PATH=~/libtpu/libtpu/libtpu.so` (as
+`make test` does).
 
 Topologies: Cloud TPU accelerator types (v4-8, v4-32, v5p-8, v5e-8 or v5litepod-8, v6e-8, ...)
 or JAX topology names (v5e:2x4, v4:2x2x1). A v4 or v5p chip has two TensorCores that JAX drives
@@ -89,8 +94,8 @@ def topology(name: str) -> Topology:
         devices = topologies.get_topology_desc(f"{gen}:{shape}", "tpu", **kwargs).devices
     except RuntimeError as e:
         if "not installed" in str(e):
-            raise ConfigError("compiling for a TPU needs libtpu: pip install -e .[tpu] (or `pip install libtpu`); "
-                              "it runs on any x86-64 Linux machine") from None
+            raise ConfigError("compiling for a TPU needs libtpu (it runs on any x86-64 Linux machine): pip install "
+                              "-e .[tpu], or install it elsewhere and set TPU_LIBRARY_PATH to its libtpu.so") from None
         raise ConfigError(f"--topology={name!r}: {str(e).splitlines()[0]}") from None
     return Topology(name, gen, f"{gen}:{shape}", list(devices))
 
