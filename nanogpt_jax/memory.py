@@ -20,20 +20,21 @@ micro-step, a compute dtype of c bytes and tensor-parallel size t:
                  (Korthikanti et al. 2022, arXiv:2205.05198, section 4.1, without dropout masks):
                  4 whole (block input, ln_1 out, residual after attention, ln_2 out) and 12 split
                  over tensor (q, k, v, attention output, the MLP hidden before and after GELU);
-                 plus H/t x T attention entries of 4 + c + 2 bytes (float32 scores/probabilities,
-                 a compute-dtype copy, and 2 for the softmax's bookkeeping, fitted to XLA: 9.8
-                 bytes per entry measured in float32 on CPU, 8 in bfloat16 on TPU). remat="full"
+                 plus H/t x T attention entries of 8 + c bytes (float32 scores and probabilities,
+                 and the probabilities in the compute dtype for the second matmul). remat="full"
                  keeps only each block's input (D x c per token and layer) plus one layer being
                  recomputed; other remat policies are counted as "none" (an upper bound)
-    logits       float32 logits and their gradient: n x V/t x 8
+    logits       the float32 logits, n x V/t x 4 (their gradient takes over the buffer)
     batch        int32 inputs and targets of the step: A x n x 8
 
 `total` is the sum. XLA frees and reuses buffers, so a compiled program's footprint differs:
 tests/test_memory.py checks the formula against `compiled.memory_analysis()` (CPU, float32)
-within 15%, and `python -m nanogpt_jax.aot` prints both for TPU slices (gpt2 and gpt2-xl agree
-within ~10% there). Not modelled: XLA's CPU backend fuses less (tiny CPU models need up to ~20%
-more, more still with scan_layers), tensor parallelism's activation all-gathers, and TPU layout
-padding of dimensions that are not multiples of 128. A TPU keeps small temporaries (tens of MiB)
+within 15%, and `python -m nanogpt_jax.aot` prints both for TPU slices: for gpt2 and gpt2-xl on
+v5e and v4 with scan_layers the estimate is within -11%..+19% of XLA's figure (README table).
+Not modelled: what XLA keeps beyond this without scan_layers (gpt2-xl, remat=full: 28% more), XLA's
+CPU backend fusing less (up to ~20% more for tiny models, more with scan_layers), tensor
+parallelism's activation all-gathers, and TPU layout padding of dimensions that are not multiples
+of 128. A TPU keeps small temporaries (tens of MiB)
 in on-chip memory, so there the compiled HBM figure can be below the estimate for tiny models.
 """
 
@@ -139,7 +140,7 @@ def estimate(config: GPTConfig, *, batch_size: int, grad_accum: int, mesh_shape:
     n_sharded, n_gathered, n_blocks = param_counts(config, mesh_shape)
     params = 4 * n_sharded
     heads = H // t if H % t == 0 else H
-    per_layer_token = 4 * D * c + 12 * D * c // t + heads * T * (4 + c + 2)
+    per_layer_token = 4 * D * c + 12 * D * c // t + heads * T * (8 + c)
     if config.remat == "full":
         activations = tokens * (L * D * c + per_layer_token)
         layers_kept = 2  # the layer being recomputed, and the next one's gathered weights
@@ -153,7 +154,7 @@ def estimate(config: GPTConfig, *, batch_size: int, grad_accum: int, mesh_shape:
     vocab = V // t if V % t == 0 else V
     return MemoryEstimate(
         params=params, opt_state=2 * params, grads=params * (2 if grad_accum > 1 else 1), weights=weights,
-        activations=activations, logits=tokens * vocab * 8,
+        activations=activations, logits=tokens * vocab * 4,
         batch=grad_accum * tokens * 8)
 
 
