@@ -54,8 +54,8 @@ def _compiled_bytes(config, mesh, batch_size, grad_accum) -> int:
 @pytest.mark.parametrize("shape,grad_accum", [((8, 1, 1), 1), ((1, 8, 1), 1), ((2, 4, 1), 2), ((1, 4, 2), 1)])
 def test_estimate_is_within_15_percent_of_the_compiled_step(shape, grad_accum):
     """float32 on the CPU, activations dominating as they do in GPT-2 (block 256): data parallel, fully
-    sharded, both with gradient accumulation, and fsdp x tensor (the estimate is 5% low on the first
-    three, 13% low on the last: tensor parallelism's activation all-gathers are not counted)."""
+    sharded, both with gradient accumulation, and fsdp x tensor (measured: the estimate is 3-5% high on
+    the first three, 5% low on the last, whose activation all-gathers it does not count)."""
     config = GPTConfig(block_size=256, vocab_size=256, n_layer=2, n_head=4, n_embd=64)
     compiled = _compiled_bytes(config, sharding.make_mesh(*shape), batch_size=32, grad_accum=grad_accum)
     est = memory.estimate(config, batch_size=32, grad_accum=grad_accum,
@@ -71,7 +71,7 @@ def test_remat_full_keeps_only_block_inputs():
                            mesh_shape=mesh)
     assert full.activations < none.activations / 10 and full.weights < none.weights / 10
     assert (full.params, full.opt_state, full.logits) == (none.params, none.opt_state, none.logits)
-    assert full.activations == 1024 * (48 * 1600 * 2 + 16 * 1600 * 2 + 25 * 1024 * 8)
+    assert full.activations == 1024 * (48 * 1600 * 2 + 16 * 1600 * 2 + 25 * 1024 * (8 + 2))
 
 
 def test_bad_batch_and_mesh():
