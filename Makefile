@@ -21,8 +21,19 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 
 install: $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# The TPU compiler (libtpu, a ~210 MB wheel; the version jax[tpu] pins) for `python -m nanogpt_jax.aot` and its
+# tests: it compiles for TPU slices on this machine. It stays outside the venv's packages: where libtpu is
+# importable and no TPU is attached, JAX tries the TPU first and libtpu prints warnings at every start (make
+# demo, run_*.py). TPU_LIBRARY_PATH shows it to JAX for the tests only; JAX still runs on the CPU there.
+LIBTPU_DIR := $(abspath $(VENV))/libtpu
+TPU_STAMP := $(VENV)/.installed-libtpu
+$(TPU_STAMP): $(STAMP)
+	$(PIP) install -q --no-deps --upgrade --target $(LIBTPU_DIR) "$$($(PY) -c "import importlib.metadata as m; \
+	  print(next(r.split(';')[0].replace(' ', '') for r in m.requires('jax') if r.startswith('libtpu')))")"
+	@touch $@
+
+test: $(STAMP) $(TPU_STAMP)
+	TPU_LIBRARY_PATH=$(LIBTPU_DIR)/libtpu/libtpu.so $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check nanogpt_jax configs data_prep tests run_*.py

@@ -64,8 +64,8 @@ def validate(config: ConfigDict) -> None:
     _check(0.0 <= m.dropout < 1.0, "model.dropout", config, "must be in [0, 1)")
     _check(m.dtype == "auto" or m.dtype in DTYPES, "model.dtype", config,
            f"must be auto or one of {', '.join(DTYPES)}")
-    try:
-        GPTConfig(**{**model_kwargs(config), "dtype": "float32"})
+    try:  # dtype left unresolved: "auto" would start JAX's backend before jax.distributed.initialize
+        GPTConfig(**{**model_kwargs(config, resolve=False), "dtype": "float32"})
     except ValueError as e:
         raise ConfigError(f"model.{e}") from None
     init = config.init_from
@@ -113,10 +113,12 @@ def resolve_dtype(name: str) -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def model_kwargs(config: ConfigDict) -> dict[str, Any]:
-    """The config's model section as GPTConfig keyword arguments (dtype resolved, vocab default)."""
+def model_kwargs(config: ConfigDict, resolve: bool = True) -> dict[str, Any]:
+    """The config's model section as GPTConfig keyword arguments (dtype resolved unless
+    resolve=False, vocab default)."""
     kw = {k: config.model[k] for k in MODEL_KEYS}
-    kw["dtype"] = resolve_dtype(kw["dtype"])
+    if resolve:
+        kw["dtype"] = resolve_dtype(kw["dtype"])
     if kw["vocab_size"] is None:
         kw["vocab_size"] = 50304  # GPT-2's 50257 padded to a multiple of 64, as nanoGPT trains
     return kw

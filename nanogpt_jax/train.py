@@ -27,7 +27,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import data, evaluate, loggers, metrics, sharding
+from nanogpt_jax import data, distributed, evaluate, loggers, metrics, sharding
 from nanogpt_jax.checkpoint import Checkpointer
 from nanogpt_jax.errors import CheckpointError, ConfigError, UserError
 from nanogpt_jax.model import GPT, GPTConfig
@@ -104,23 +104,42 @@ def build_state(config: ConfigDict, mesh: jax.sharding.Mesh, ckpt: Checkpointer,
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT; the loop saves and exits cleanly at the next step boundary."""
+    """Set by SIGTERM/SIGINT; the loop saves and exits cleanly at the next step boundary.
 
-    def __init__(self):
+    With several processes all must stop at the same step (the save is collective), so SIGTERM is
+    left to JAX's preemption service, which relays it to every process and names a common step
+    (`distributed.preemption_sync_point`); a Ctrl-C is turned into a SIGTERM to go the same way.
+    """
+
+    def __init__(self, multiprocess: bool = False):
         self.signal: int | None = None
+        self.multiprocess = multiprocess
+        self._forwarded = False
         self._previous = {}
 
     def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGINT,) if self.multiprocess else (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
+        if signum == signal.SIGINT and (self.signal is not None or self._forwarded):
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if self.multiprocess:  # only SIGINT comes here
+            self._forwarded = True
+            logging.warning("received SIGINT: passing it on as SIGTERM, so that every process stops at one step")
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         self.signal = signum
         logging.warning("received %s: finishing this step, saving a checkpoint, then exiting",
                         signal.Signals(signum).name)
+
+    def requested(self, step: int) -> bool:
+        """Whether to stop before running `step`; call it once per step on every process."""
+        if self.multiprocess and self.signal is None and distributed.preemption_sync_point(step):
+            self.signal = signal.SIGTERM
+            logging.warning("preemption notice: every process saves step %d, then exits", step)
+        return self.signal is not None
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -156,6 +175,7 @@ def train(config: ConfigDict) -> dict:
 
     Raises UserError (one line) for bad input: config, data, checkpoints, out_dir.
     """
+    distributed.initialize(config)  # before anything touches a device
     run = _Run(config)
     try:
         run.loop()
@@ -267,13 +287,13 @@ class _Run:
     def loop(self) -> None:
         max_iters, eval_interval = self.config.train.max_iters, self.config.train.eval_interval
         pending = None
-        with _StopFlag() as stop, self.batches.prefetch(self.start, max_iters) as prefetch:
+        with _StopFlag(jax.process_count() > 1) as stop, self.batches.prefetch(self.start, max_iters) as prefetch:
             while True:
                 if self.step % eval_interval == 0 or self.step == max_iters:
                     self.read_back(pending)
                     pending = None
                     self.evaluate()
-                if self.step >= max_iters or stop:
+                if self.step >= max_iters or stop.requested(self.step):
                     break
                 _, x, y = next(prefetch)
                 self.state, step_metrics = self.train_fn(self.state, x, y)  # dispatched, not finished
@@ -312,6 +332,7 @@ class _Run:
 
 
 def _peak_memory() -> int | None:
-    """Peak bytes in use on device 0, where the backend reports it (GPU, TPU; not the CPU)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    """Peak bytes in use on this process's first device, where the backend reports it (GPU, TPU;
+    not the CPU). Another process's devices cannot be asked."""
+    stats = jax.local_devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")

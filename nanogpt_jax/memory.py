@@ -1,0 +1,226 @@
+"""How much memory one device needs for a training step, by formula, before compiling anything.
+
+    python -m nanogpt_jax.memory --config configs/owt.py:gpt2-xl --config.mesh.data=1 --config.mesh.fsdp=8 \\
+        --config.model.dtype=bfloat16 --devices=8 --hbm_gib=16
+
+Per device, in bytes, with local rows b = batch_size / (data x fsdp), tokens n = b x block_size per
+micro-step, a compute dtype of c bytes and tensor-parallel size t:
+
+    params       float32 parameters, each divided as its sharding divides it (fsdp: the model width;
+                 tensor: heads, MLP units, vocabulary rows); a dimension an axis does not divide
+                 stays whole, as in `sharding.logical_shardings`
+    opt_state    AdamW's two float32 moments, sharded like the parameters
+    grads        the float32 gradient accumulator (sharded like the parameters), and one
+                 micro-step's gradient beside it when accumulating (XLA fuses the clipping and the
+                 AdamW update into the in-place parameter update: no buffers of their own)
+    weights      the compute-dtype copies of the weights that the matmuls read, whole along fsdp
+                 (ZeRO-3's all-gather; only when c < 4 or fsdp > 1): all layers are kept for the
+                 backward pass without rematerialisation, 2 layers with remat="full"
+    activations  what the backward pass keeps, per layer and token: 16 vectors of the model width
+                 (Korthikanti et al. 2022, arXiv:2205.05198, section 4.1, without dropout masks):
+                 4 whole (block input, ln_1 out, residual after attention, ln_2 out) and 12 split
+                 over tensor (q, k, v, attention output, the MLP hidden before and after GELU);
+                 plus H/t x T attention entries of 8 + c bytes (float32 scores and probabilities,
+                 and the probabilities in the compute dtype for the second matmul). remat="full"
+                 keeps only each block's input (D x c per token and layer) plus one layer being
+                 recomputed; other remat policies are counted as "none" (an upper bound)
+    logits       the float32 logits, n x V/t x 4 (their gradient takes over the buffer)
+    batch        int32 inputs and targets of the step: A x n x 8
+
+`total` is the sum. XLA frees and reuses buffers, so a compiled program's footprint differs:
+tests/test_memory.py checks the formula against `compiled.memory_analysis()` (CPU, float32)
+within 15%, and `python -m nanogpt_jax.aot` prints both for TPU slices: for gpt2 and gpt2-xl on
+v5e and v4 with scan_layers the estimate is within -11%..+19% of XLA's figure (README table).
+Not modelled: what XLA keeps beyond this without scan_layers (gpt2-xl, remat=full: 28% more), XLA's
+CPU backend fusing less (up to ~20% more for tiny models, more with scan_layers), tensor
+parallelism's activation all-gathers, and TPU layout padding of dimensions that are not multiples
+of 128. A TPU keeps small temporaries (tens of MiB)
+in on-chip memory, so there the compiled HBM figure can be below the estimate for tiny models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from absl import flags, logging
+from jax.sharding import PartitionSpec as P
+from ml_collections import ConfigDict
+
+from nanogpt_jax import config as config_lib
+from nanogpt_jax import sharding
+from nanogpt_jax.errors import ConfigError
+from nanogpt_jax.model import GPT, GPT2_SIZES, GPT2_VOCAB_SIZE, GPTConfig
+
+GiB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per device of one training step's buffers; see the module docstring for each term."""
+
+    params: int
+    opt_state: int
+    grads: int
+    weights: int
+    activations: int
+    logits: int
+    batch: int
+
+    @property
+    def state(self) -> int:
+        """What the step takes as arguments (and donates): parameters, optimizer state, the batch."""
+        return self.params + self.opt_state + self.batch
+
+    @property
+    def temporaries(self) -> int:
+        """What exists only while the step runs."""
+        return self.grads + self.weights + self.activations + self.logits
+
+    @property
+    def total(self) -> int:
+        return self.state + self.temporaries
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)] + [("total", self.total)]
+
+
+def _elements(shape: tuple[int, ...], spec: tuple, mesh_shape: Mapping[str, int]) -> int:
+    """Elements of one device's shard: each dimension divided by its mesh axes where they divide it."""
+    n = 1
+    for dim, axes in zip(shape, spec, strict=True):
+        axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+        size = math.prod(mesh_shape[a] for a in axes)
+        n *= dim // size if dim % size == 0 else dim
+    return n
+
+
+def param_counts(config: GPTConfig, mesh_shape: Mapping[str, int]) -> tuple[int, int, int]:
+    """(parameters per device, per device if fsdp did not split them, of which in the blocks).
+
+    From the model's logical axis names and `sharding.RULES` on a mesh given only by its shape, so
+    no device is needed. Raises KeyError for a mesh_shape without data, fsdp or tensor."""
+    model = GPT(config)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), sharding.RULES)
+    leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))[0]
+    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P) or x is None)
+    whole_fsdp = {**mesh_shape, "fsdp": 1}
+    sharded = gathered = blocks = 0
+    for (path, leaf), spec in zip(leaves, flat_specs, strict=True):
+        spec = tuple(spec or ()) + (None,) * (leaf.ndim - len(spec or ()))
+        sharded += _elements(leaf.shape, spec, mesh_shape)
+        n = _elements(leaf.shape, spec, whole_fsdp)
+        gathered += n
+        if str(getattr(path[0], "key", "")).startswith("h"):  # h_0, h_1, ... or the scanned h
+            blocks += n
+    return sharded, gathered, blocks
+
+
+def estimate(config: GPTConfig, *, batch_size: int, grad_accum: int, mesh_shape: Mapping[str, int]) -> MemoryEstimate:
+    """Per-device bytes of one training step of `config`; the terms are in the module docstring.
+
+    Args:
+        config: the model. Its dtype is the compute dtype (resolve "auto" first); remat is read.
+        batch_size: global sequences per micro-step. grad_accum: micro-steps per optimizer step.
+        mesh_shape: {"data": d, "fsdp": f, "tensor": t}, every size known (see `mesh_shape_for`).
+    Raises:
+        ConfigError: batch_size is not divisible by data x fsdp.
+    """
+    d, f, t = (mesh_shape[a] for a in sharding.MESH_AXES)
+    if batch_size % (d * f):
+        raise ConfigError(f"train.batch_size={batch_size}: must be divisible by mesh.data x mesh.fsdp = {d * f}")
+    c = jnp.dtype(config.compute_dtype).itemsize
+    L, D, H, T, V = config.n_layer, config.n_embd, config.n_head, config.block_size, config.vocab_size
+    tokens = batch_size // (d * f) * T
+    n_sharded, n_gathered, n_blocks = param_counts(config, mesh_shape)
+    params = 4 * n_sharded
+    heads = H // t if H % t == 0 else H
+    per_layer_token = 4 * D * c + 12 * D * c // t + heads * T * (8 + c)
+    if config.remat == "full":
+        activations = tokens * (L * D * c + per_layer_token)
+        layers_kept = 2  # the layer being recomputed, and the next one's gathered weights
+    else:
+        if config.remat != "none":
+            logging.info("memory: remat=%r is counted as 'none' (an upper bound)", config.remat)
+        activations = tokens * L * per_layer_token
+        layers_kept = L
+    copies = c < 4 or f > 1  # the matmuls read a cast or all-gathered copy of the weights
+    weights = (n_gathered - n_blocks + n_blocks * layers_kept // L) * c if copies else 0
+    vocab = V // t if V % t == 0 else V
+    return MemoryEstimate(
+        params=params, opt_state=2 * params, grads=params * (2 if grad_accum > 1 else 1), weights=weights,
+        activations=activations, logits=tokens * vocab * 4,
+        batch=grad_accum * tokens * 8)
+
+
+def mesh_shape_for(config: ConfigDict, n_devices: int) -> dict[str, int]:
+    """The config's mesh sizes for `n_devices` devices, -1 resolved.
+
+    Raises:
+        ConfigError: the sizes cannot multiply to n_devices (the message of `sharding.make_mesh`).
+    """
+    sizes = {a: config.mesh[a] for a in sharding.MESH_AXES}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    for a, v in sizes.items():
+        if v == -1:
+            sizes[a] = n_devices // fixed if n_devices % fixed == 0 else -1
+    if math.prod(sizes.values()) != n_devices:
+        raise ConfigError(f"mesh: data={config.mesh.data} x fsdp={config.mesh.fsdp} x tensor={config.mesh.tensor} "
+                          f"does not fit {n_devices} devices; make the product {n_devices} (or set one axis to -1)")
+    return sizes
+
+
+def model_config(config: ConfigDict, dtype: str) -> GPTConfig:
+    """The model the config trains, in compute dtype `dtype`: its own shape, or a GPT-2 size's for
+    init_from a GPT-2 name, or an HF folder's config.json."""
+    init = config.init_from
+    if config_lib.is_pretrained_name(init):
+        n_layer, n_head, n_embd = GPT2_SIZES[init]
+        return config_lib.gpt_config(config, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dtype=dtype,
+                                     vocab_size=config.model.vocab_size or GPT2_VOCAB_SIZE,
+                                     block_size=min(config.model.block_size, 1024))
+    if init not in ("scratch", "resume"):
+        from nanogpt_jax import convert
+
+        m = config.model
+        return convert.pretrained_config(init, dtype=dtype, block_size=m.block_size, scan_layers=m.scan_layers,
+                                         remat=m.remat, attention=m.attention, dropout=m.dropout)
+    return config_lib.gpt_config(config, dtype=dtype)
+
+
+def format_table(est: MemoryEstimate, hbm_bytes: int | None = None) -> str:
+    """The estimate as a table in GiB, and whether it fits `hbm_bytes` per device."""
+    lines = [f"{name:<12}{value / GiB:>9.3f} GiB" for name, value in est.rows()]
+    if hbm_bytes:
+        share = est.total / hbm_bytes
+        lines.append(f"{'fits' if share <= 1 else 'does NOT fit'}: {100 * share:.0f}% of {hbm_bytes / GiB:g} GiB")
+    return "\n".join(lines)
+
+
+_DEVICES = flags.DEFINE_integer("devices", None, "devices of the mesh (default: this machine's)")
+_HBM_GIB = flags.DEFINE_float("hbm_gib", None, "memory per device in GiB, to say whether the step fits")
+
+
+def main(config: ConfigDict) -> MemoryEstimate:
+    """`python -m nanogpt_jax.memory`: print the estimate for the config's model, batch and mesh."""
+    n = _DEVICES.value or jax.device_count()
+    shape = mesh_shape_for(config, n)
+    dtype = "bfloat16" if config.model.dtype == "auto" else config.model.dtype  # auto: what accelerators use
+    gcfg = model_config(config, dtype)
+    B, A = config.train.batch_size, config.train.gradient_accumulation_steps
+    est = estimate(gcfg, batch_size=B, grad_accum=A, mesh_shape=shape)
+    print(f"{gcfg.n_layer} layers x {gcfg.n_embd} wide, {dtype}, remat={gcfg.remat}; {A} x {B} sequences x "
+          f"{gcfg.block_size} tokens; {n} devices, mesh " + " ".join(f"{k}={v}" for k, v in shape.items()))
+    print(format_table(est, int(_HBM_GIB.value * GiB) if _HBM_GIB.value else None), flush=True)
+    return est
+
+
+if __name__ == "__main__":
+    from nanogpt_jax import cli
+
+    cli.main(main)
