@@ -5,7 +5,8 @@
     cli.main(lambda config: sample.sample_from_config(config))
 
 `main` parses `--config path.py[:variant]` and `--config.key=value` overrides with ml_collections
-(locked, so an unknown key is an error), validates the result, and calls the function. A problem
+(locked, so an unknown key is an error), validates the result, starts `jax.distributed` when the
+run has several processes (and the compilation cache), and calls the function. A problem
 with the input (`UserError`, a bad flag, a config file that cannot be loaded) prints one line,
 `error: ...`, to stderr and exits with status 1; nothing else is printed.
 """
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
+from nanogpt_jax import distributed
 from nanogpt_jax.config import validate
 from nanogpt_jax.errors import UserError, fail
 
@@ -83,7 +85,9 @@ def main(fn: Callable[[ConfigDict], object]) -> None:
         logging.use_absl_handler()
         logging.get_absl_handler().addFilter(_quiet_libraries)
         try:
-            fn(load_config())
+            config = load_config()
+            distributed.initialize(config)  # multi-host runs and the compile cache, before any device is used
+            fn(config)
         except UserError as e:
             fail(str(e))
         except KeyboardInterrupt:
