@@ -79,3 +79,12 @@ def tiny_run_config(data_dir, out_dir, **overrides):
         section, _, leaf = key.rpartition(".")
         (c[section] if section else c)[leaf] = value
     return c
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now: the jax.distributed coordinator of a multi-process test."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]

@@ -10,13 +10,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, free_port
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nanogpt_jax import data, tokenizer
 from nanogpt_jax.errors import DataError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_dir(path: Path, train: np.ndarray, val: np.ndarray | None = None, **meta) -> Path:
@@ -270,11 +269,7 @@ jax.distributed.shutdown()
 
 @pytest.mark.slow
 def test_two_real_processes_build_the_one_process_batch(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", MULTIHOST, str(i), port], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]

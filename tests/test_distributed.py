@@ -5,7 +5,6 @@ same step on both, and that checkpoint resumes in one process."""
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_run_config
+from conftest import ROOT, free_port, tiny_run_config
 
 from nanogpt_jax import distributed, loggers
 from nanogpt_jax.checkpoint import Checkpointer
@@ -82,15 +81,9 @@ def test_compilation_cache_is_written(tmp_path):
 # ---- two real processes ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _launch_two_processes(data_dir, out_dir, **overrides) -> list[subprocess.Popen]:
     """run_train.py as processes 0 and 1 of one run, 4 CPU devices each, coordinated on localhost."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for i in range(2):
         items = {"data.data_dir": data_dir, "out_dir": out_dir, "dist.coordinator_address": f"localhost:{port}",

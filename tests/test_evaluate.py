@@ -3,7 +3,6 @@
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_run_config
+from conftest import ROOT, free_port, tiny_run_config
 
 from nanogpt_jax import evaluate, sample, sharding, tokenizer
 from nanogpt_jax.errors import ConfigError, DataError
@@ -237,9 +236,7 @@ jax.distributed.shutdown()
 
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_result(tmp_path):
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", MULTIHOST, str(i), port, str(tmp_path / f"cache{i}")], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
