@@ -188,7 +188,12 @@ def test_profile_mode_writes_a_trace_and_names_the_ops(token_data, tmp_path):
         assert json.load(f)["traceEvents"]
     assert r["top_ops"] and any("dot_general" in op["op_name"] for op in r["top_ops"])
     assert sum(op["share"] for op in r["top_ops"]) <= 1.0 + 1e-9
-    assert "| op | jax op | ms/step | share |" in report.markdown(report.load(config.bench.out))
+    # every layer's copy of an op together, forward and backward told apart
+    sources = [s["source"] for s in r["top_sources"]]
+    assert any(s.startswith("backward GPT.hidden/h_*/") and s.endswith("dot_general") for s in sources)
+    assert r["op_ms_per_step"] >= max(s["ms_per_step"] for s in r["top_sources"])
+    md = report.markdown(report.load(config.bench.out))
+    assert "| jax op (all layers) | ops | ms/step | share |" in md and "| op | jax op | ms/step | share |" in md
 
 
 @pytest.mark.parametrize("key,value,message", [

@@ -8,9 +8,11 @@ The step is built and compiled exactly as in train mode (`nanogpt_jax.bench.trai
 batch size of the sweep), run once plus bench.warmup times untraced, then bench.steps steps are
 traced, each marked with a `StepTraceAnnotation` (TensorBoard's step view). The trace holds the XLA
 operations of every step (on a CPU, one event per thunk on each worker thread; on GPU/TPU the
-device's kernels). The report lists the operations that took the most time per step, with the
-JAX operation each came from (the compiled HLO's `op_name` metadata), e.g.
-`transpose(jvp(GPT))/GPT.hidden/h_0/mlp/c_proj/dot_general` is that matmul's backward pass.
+device's kernels). The report lists where the time goes: the JAX operations (the compiled HLO's `op_name`
+metadata, every layer's copy together, e.g. `backward GPT.hidden/h_*/mlp/c_proj/dot_general`: that
+matmul's gradients in all layers) and the single compiled operations that took the most time per
+step. Times are summed over threads, so they can exceed the step's wall time where operations run
+side by side; on a CPU a matmul's helper threads are not in the trace, so its time is its wall time.
 """
 
 from __future__ import annotations
@@ -40,19 +42,48 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
     return names
 
 
-def top_ops(trace_file: Path, op_names: dict[str, str], steps: int, n: int = 15) -> list[dict[str, Any]]:
-    """The n operations with the most time per step in a perfetto trace (summed over threads and streams):
-    [{name, op_name, ms_per_step, share}] where share is of all the operations' time."""
+def op_times(trace_file: Path, op_names: dict[str, str]) -> collections.Counter:
+    """Microseconds spent in each compiled operation over a perfetto trace (summed over threads and
+    streams; events whose name is not an HLO instruction, e.g. the runtime's own, are left out)."""
     with gzip.open(trace_file, "rt") as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     total: collections.Counter = collections.Counter()
     for e in events:
         if e.get("ph") == "X" and e.get("name") in op_names:
-            total[e["name"]] += e.get("dur", 0)  # microseconds
-    all_us = sum(total.values()) or 1
+            total[e["name"]] += e.get("dur", 0)
+    return total
+
+
+def source(op_name: str) -> str:
+    """A JAX op_name without the jit/loop wrappers and the layer index, forward or backward:
+    "jit(step)/while/body/closed_call/transpose(jvp(GPT))/GPT.hidden/h_3/mlp/c_fc/dot_general"
+    -> "backward GPT.hidden/h_*/mlp/c_fc/dot_general"."""
+    part = "backward " if "transpose(jvp(" in op_name else ("forward " if "jvp(" in op_name else "")
+    name = re.sub(r"^jit\([^)]*\)/|(while/body/|closed_call/)|(transpose\()?jvp\([^)]*\)\)?/", "", op_name)
+    return part + re.sub(r"/h_\d+/", "/h_*/", name)
+
+
+def top_ops(times: collections.Counter, op_names: dict[str, str], steps: int, n: int = 15) -> list[dict[str, Any]]:
+    """The n operations with the most time per step: [{name, op_name, ms_per_step, share}], share of
+    all the operations' time."""
+    all_us = sum(times.values()) or 1
     return [{"name": name, "op_name": op_names[name], "ms_per_step": us / 1e3 / steps, "share": us / all_us}
-            for name, us in total.most_common(n)]
+            for name, us in times.most_common(n)]
+
+
+def top_sources(times: collections.Counter, op_names: dict[str, str], steps: int, n: int = 15) -> list[dict]:
+    """Time per step grouped by `source` (every layer's copy of an op together): [{source, ops,
+    ms_per_step, share}]."""
+    all_us = sum(times.values()) or 1
+    by: collections.Counter = collections.Counter()
+    count: collections.Counter = collections.Counter()
+    for name, us in times.items():
+        key = source(op_names[name]) or "(no JAX op: copies and layout changes)"
+        by[key] += us
+        count[key] += 1
+    return [{"source": key, "ops": count[key], "ms_per_step": us / 1e3 / steps, "share": us / all_us}
+            for key, us in by.most_common(n)]
 
 
 def bench_profile(config: ConfigDict) -> list[dict[str, Any]]:
@@ -76,8 +107,9 @@ def bench_profile(config: ConfigDict) -> list[dict[str, Any]]:
         s.close()
     files = sorted(p for p in trace_dir.rglob("*") if p.is_file())
     perfetto = [p for p in files if p.name.endswith("perfetto_trace.json.gz")]
-    ops = top_ops(max(perfetto, key=lambda p: p.stat().st_mtime), hlo_op_names(s.compiled.as_text()), steps) \
-        if perfetto else []
+    names = hlo_op_names(s.compiled.as_text())
+    times = op_times(max(perfetto, key=lambda p: p.stat().st_mtime), names) if perfetto else collections.Counter()
     results = {"trace_dir": str(trace_dir), "trace_files": [str(p) for p in files], "ms_per_step": ms_per_step,
-               "top_ops": ops}
+               "op_ms_per_step": sum(times.values()) / 1e3 / steps, "top_ops": top_ops(times, names, steps),
+               "top_sources": top_sources(times, names, steps)}
     return [{"settings": {**s.settings, "steps": steps}, "results": results}]

@@ -41,7 +41,7 @@ _TRAIN_KEYS = ("compile_s", "first_step_s", "ms_per_step", "ms_p10", "ms_p90", "
 # results each row of a mode holds (None where a figure is unknown, e.g. MFU on an unknown chip)
 KEYS: dict[str, tuple[str, ...]] = {
     "train": _TRAIN_KEYS,
-    "profile": ("trace_dir", "trace_files", "ms_per_step", "top_ops"),
+    "profile": ("trace_dir", "trace_files", "ms_per_step", "op_ms_per_step", "top_ops", "top_sources"),
     "generate": ("compile_s", "prefill_ms", "decode_tokens_per_s", "decode_tokens_per_s_all_rows", "ms_per_token",
                  "call_s"),
     "data": ("host_ms_per_batch", "host_batches_per_s", "ms_per_batch", "batches_per_s", "tokens_per_s"),
@@ -234,6 +234,8 @@ COLUMNS: dict[str, list[Column]] = {
               ("device peak MiB", "device_peak_bytes", _mib)],
     "profile": [("op", "name", str), ("jax op", "op_name", str), ("ms/step", "ms_per_step", _num(2)),
                 ("share", "share", _pct)],
+    "profile_sources": [("jax op (all layers)", "source", str), ("ops", "ops", str),
+                        ("ms/step", "ms_per_step", _num(2)), ("share", "share", _pct)],
     "generate": [("model", "model", str), ("batch", "batch_size", str), ("dtype", "dtype", str),
                  ("KV cache", "kv_cache", lambda v: "yes" if v else "no"), ("prompt", "prompt_len", str),
                  ("new", "new_tokens", str), ("compile s", "compile_s", _num(1)), ("prefill ms", "prefill_ms", _num(1)),
@@ -282,8 +284,10 @@ def markdown(report: dict) -> str:
         lines = []
         for row in report["rows"]:
             r = row["results"]
-            lines += [f"trace of {row['settings']['steps']} steps ({r['ms_per_step']:.1f} ms/step traced): "
+            lines += [f"trace of {row['settings']['steps']} steps ({r['ms_per_step']:.1f} ms/step traced, "
+                      f"{r['op_ms_per_step']:.1f} ms/step in compiled operations over all threads): "
                       f"{r['trace_dir']}", ""]
+            lines += _table(COLUMNS["profile_sources"], r["top_sources"]) + [""]
             lines += _table(COLUMNS["profile"], r["top_ops"])
     else:
         lines = _table(COLUMNS[mode], [_cells(r) for r in report["rows"]], unknown={"mfu": "unknown"})
