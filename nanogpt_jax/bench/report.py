@@ -308,7 +308,9 @@ def label(row: dict) -> str:
     """A short name for a row's configuration, e.g. `4x4x128 B12 T64 float32`."""
     s = row["settings"]
     parts = [s.get("model", s.get("source", "")), f"B{s['batch_size']}"]
-    if "block_size" in s:
+    if "kv_cache" in s:  # generate: prompt + new tokens
+        parts.append(f"{s['prompt_len']}+{s['new_tokens']}")
+    elif "block_size" in s:
         parts.append(f"T{s['block_size']}")
     if "dtype" in s:
         parts.append(s["dtype"])
