@@ -64,8 +64,9 @@ class GPTConfig:
             depth); parameters of `h` then carry a leading layer axis (L, ...).
         remat: activation checkpointing of each block: "none", "full" (save nothing), or the name of
             a `jax.checkpoint_policies` policy, e.g. "dots_with_no_batch_dims_saveable".
-        attention: `jax.nn.dot_product_attention` implementation: "xla", "cudnn" (GPU only), or
-            "auto" (cudnn on a GPU, xla elsewhere).
+        attention: "xla" (the scores and a float32 softmax written out, compiled by XLA), "cudnn"
+            (`jax.nn.dot_product_attention`'s fused cuDNN kernel, GPU only), or "auto" (cudnn on a
+            GPU with bf16/fp16, xla elsewhere).
 
     Raises:
         ValueError: naming the field, for an impossible value.
@@ -280,17 +281,20 @@ class CausalSelfAttention(nn.Module):
 
     def _attend(self, q_BTHK: Array, k_BTHK: Array, v_BTHK: Array, deterministic: bool) -> Array:
         c = self.config
-        if deterministic or c.dropout == 0.0:
-            return jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, is_causal=True,
-                                                implementation=_attention_impl(c))
-        # dropout on the attention weights needs them explicitly (the fused kernels have no dropout)
+        dropout = not deterministic and c.dropout > 0.0
+        if _attention_impl(c) == "cudnn" and not dropout:  # the fused kernel (it has no dropout)
+            return jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, is_causal=True, implementation="cudnn")
+        # XLA: the scores explicitly, the softmax in float32. The same math as
+        # jax.nn.dot_product_attention(implementation="xla"), whose vmapped form measured slower on a CPU
+        # (run_bench.py, shakespeare_char.py:cpu train step: 51.8 -> 50.1 ms); dropout needs the weights anyway
         scores_BHTT = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK, preferred_element_type=jnp.float32)
         scores_BHTT = scores_BHTT / math.sqrt(c.head_size)
         T = q_BTHK.shape[1]
         causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
         probs_BHTT = jax.nn.softmax(jnp.where(causal_TT, scores_BHTT, -jnp.inf), axis=-1)
-        probs_BHTT = nn.Dropout(c.dropout)(probs_BHTT, deterministic=False).astype(v_BTHK.dtype)
-        return jnp.einsum("bhts,bshk->bthk", probs_BHTT, v_BTHK)
+        if dropout:
+            probs_BHTT = nn.Dropout(c.dropout)(probs_BHTT, deterministic=False)
+        return jnp.einsum("bhts,bshk->bthk", probs_BHTT.astype(v_BTHK.dtype), v_BTHK)
 
 
 class MLP(nn.Module):

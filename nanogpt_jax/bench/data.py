@@ -19,6 +19,9 @@
 3. rss: resident memory after reading many random batches from a file, with this loader (which maps
    the file afresh per batch) and with one long-lived memmap (what it avoids): growth in MB.
 
+`run_bench.py --config.bench.mode=data` runs `bench_rows(config)`: the loader part alone, at the
+config's batch and block size.
+
 Figures only: nothing is asserted. Timings depend on the machine and its load.
 """
 
@@ -104,12 +107,17 @@ def bench_prepare(corpus: Path, mb: float, num_proc: int, tmp: Path) -> dict:
     return result
 
 
-def bench_loader(path: Path, grad_accum: int, batches: int = 300) -> dict:
+def bench_loader(path: Path | np.ndarray, grad_accum: int, batches: int = 300, batch_size: int = 12,
+                 block_size: int = 1024, sharding=None) -> dict:
+    """Batches/s and host ms per batch of `TrainBatches` over a uint16 .bin file (or 1-D tokens):
+    `local` (the numpy windows: this host's work) and `global` (with the copy to the devices, on
+    `sharding` when given), after 5 untimed batches."""
     from nanogpt_jax import data
 
-    tokens = np.memmap(path, dtype=np.uint16, mode="r")
-    b = data.TrainBatches(tokens, batch_size=12, block_size=1024, grad_accum=grad_accum, seed=0)
-    row = {"batch_size": 12, "block_size": 1024, "grad_accum": grad_accum}
+    tokens = np.memmap(path, dtype=np.uint16, mode="r") if isinstance(path, (str, Path)) else path
+    b = data.TrainBatches(tokens, batch_size=batch_size, block_size=block_size, grad_accum=grad_accum, seed=0,
+                          sharding=sharding)
+    row = {"batch_size": batch_size, "block_size": block_size, "grad_accum": grad_accum}
     for name, fn in (("local", b.local), ("global", lambda s: [a.block_until_ready() for a in b.global_(s)])):
         for s in range(5):  # warm up
             fn(s)
@@ -154,6 +162,51 @@ def bench_rss(path: Path, mode: str, n: int) -> dict:
                          text=True, check=True).stdout.split()
     return {"reader": mode, "batches": n, "rss_start_mb": float(out[0]),
             "growth_mb_at_quarters": [float(v) for v in out[1:]]}
+
+
+def bench_rows(config) -> list[dict]:
+    """run_bench.py's data mode: the training loader at the config's shape, per batch size.
+
+    Tokens come from data.data_dir's train split when the folder holds prepared data, else from a
+    synthetic uint16 file of 4M random ids in a temporary folder (page-cached either way: the figures
+    are the host's work, not the disk's). One row per batch size of bench.batch_sizes (default
+    train.batch_size) and, with gradient_accumulation_steps > 1, a row for a whole step's micro-batches;
+    at least 100 batches timed. Results as `nanogpt_jax.bench.report.KEYS["data"]`.
+    """
+    from nanogpt_jax import config as config_lib
+    from nanogpt_jax import data, sharding
+
+    c = config
+    block_size = c.model.block_size
+    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    A = c.train.gradient_accumulation_steps
+    sizes = tuple(c.bench.batch_sizes) or (c.train.batch_size,)
+    n_batches = max(100, c.bench.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        if Path(c.data.data_dir).is_dir() and (Path(c.data.data_dir) / "train.bin").is_file():
+            tokens, source = data.Dataset(c.data.data_dir, block_size=block_size).split("train"), c.data.data_dir
+        else:
+            path = Path(tmp) / "train.bin"
+            vocab = c.model.vocab_size or config_lib.model_kwargs(c)["vocab_size"]
+            np.random.default_rng(0).integers(0, min(vocab, 1 << 16), 1 << 22, dtype=np.uint16).tofile(path)
+            tokens, source = np.memmap(path, dtype=np.uint16, mode="r"), "random"
+        if tokens.nbytes < 1 << 30:  # into the page cache (a larger file is read as training would read it)
+            np.asarray(tokens).sum()
+        rows = []
+        for batch_size in sizes:
+            for grad_accum in sorted({1, A}):
+                r = bench_loader(tokens, grad_accum, n_batches if grad_accum == 1 else max(10, n_batches // grad_accum),
+                                 batch_size, block_size, sharding.batch_sharding(mesh, 3))
+                tokens_per_batch = grad_accum * batch_size * block_size
+                rows.append({"settings": {"source": source, "batch_size": batch_size, "block_size": block_size,
+                                          "grad_accum": grad_accum, "devices": mesh.size},
+                             "results": {"host_ms_per_batch": r["local_ms_per_batch"],
+                                         "host_batches_per_s": r["local_batches_per_s"],
+                                         "ms_per_batch": r["global_ms_per_batch"],
+                                         "batches_per_s": r["global_batches_per_s"],
+                                         "tokens_per_s": tokens_per_batch * r["global_batches_per_s"]}})
+        del tokens
+    return rows
 
 
 def main(argv: list[str]) -> None:

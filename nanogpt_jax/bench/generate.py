@@ -11,6 +11,14 @@ step a full forward over a fixed (B, prompt_len + max_new_tokens) buffer (causal
 padding after the newest token changes nothing), so it measures what the cache saves, not Python
 overhead. A memory-bound bound for batch 1: every weight is read once per token, so tokens/s is at
 most memory bandwidth / (4 bytes x parameters) in float32.
+
+`run_bench.py --config.bench.mode=generate` runs `bench_rows(config)`: the config's model shape
+(random weights), float32 and bfloat16, batch sizes bench.batch_sizes (default 1 and 8) with the
+KV cache and the smallest one without it; bench.warmup untimed and bench.steps timed calls per
+case. The prompt is min(32, block_size // 4) random tokens, followed by min(sample.max_new_tokens,
+block_size - prompt) new tokens (inside the context: the cached path). prefill_ms is the prompt's
+pass alone (`generate._prefill`, timed apart); decode tokens/s counts the tokens after the first
+over the median call's time minus the median prefill's.
 """
 
 from __future__ import annotations
@@ -53,8 +61,9 @@ def recompute_greedy(model: GPT, params: dict, idx_BT: jax.Array, max_new_tokens
 
 
 def bench_case(config: GPTConfig, params: dict, batch_size: int, how: str, prompt_len: int,
-               max_new_tokens: int, repeats: int) -> dict:
-    """Compile once, time `repeats` calls; seconds and tokens/s (greedy: sampling costs ~nothing)."""
+               max_new_tokens: int, repeats: int, warmup: int = 1) -> dict:
+    """Compile once, run `warmup` untimed calls (at least one: first-call allocations), time `repeats`
+    calls; seconds and tokens/s (greedy: sampling costs ~nothing)."""
     model = GPT(config)
     idx_BT = jax.random.randint(jax.random.key(1), (batch_size, prompt_len), 0, config.vocab_size, jnp.int32)
     if how == "stream":  # stream compiles on its first pass: report that pass minus a warm one
@@ -79,6 +88,8 @@ def bench_case(config: GPTConfig, params: dict, batch_size: int, how: str, promp
     run().block_until_ready()  # warm-up: first-call allocations
     if how == "stream":
         compile_s -= time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        run().block_until_ready()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -89,6 +100,69 @@ def bench_case(config: GPTConfig, params: dict, batch_size: int, how: str, promp
                 tokens_per_s=max_new_tokens / best, tokens_per_s_worst=max_new_tokens / max(times),
                 tokens_per_s_median=max_new_tokens / statistics.median(times),
                 total_tokens_per_s=batch_size * max_new_tokens / best)
+
+
+def time_prefill(config: GPTConfig, params: dict, idx_BT: jax.Array, max_new_tokens: int,
+                 repeats: int) -> tuple[float, float]:
+    """(compile seconds, median seconds) of the prefill alone: the prompt through the model into the
+    KV cache and the first token sampled, as `generate` runs it."""
+    model = GPT(config)
+    B, T = idx_BT.shape
+    tokens_BN = jnp.concatenate([idx_BT, jnp.zeros((B, max_new_tokens), jnp.int32)], axis=1)
+    sampling = gen.Sampling(0.0, None, None, config.vocab_size, None)
+    t0 = time.perf_counter()
+    compiled = gen._prefill_jit.lower(model=model, params=params, tokens_BN=tokens_BN, rng=jax.random.key(0),
+                                      prompt_len=T, sampling=sampling).compile()
+    compile_s = time.perf_counter() - t0
+    run = lambda: compiled(params=params, tokens_BN=tokens_BN, rng=jax.random.key(0))[1]  # noqa: E731
+    run().block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run().block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return compile_s, statistics.median(times)
+
+
+PROMPT_LEN = 32  # random prompt tokens (at most block_size // 4)
+
+
+def bench_rows(config) -> list[dict]:
+    """run_bench.py's generate mode (see the module docstring): rows of {settings, results} with
+    results as `nanogpt_jax.bench.report.KEYS["generate"]`."""
+    from nanogpt_jax import config as config_lib
+    from nanogpt_jax.bench.train import model_vocab_size
+
+    vocab = model_vocab_size(config)
+    base = config_lib.gpt_config(config, **({"vocab_size": vocab} if vocab else {}))
+    prompt_len = max(1, min(PROMPT_LEN, base.block_size // 4))
+    new = max(2, min(config.sample.max_new_tokens, base.block_size - prompt_len))
+    sizes = tuple(config.bench.batch_sizes) or (1, 8)
+    params = jax.jit(functools.partial(init_params, GPT(base)))(jax.random.key(config.seed))
+    steps, warmup = config.bench.steps, config.bench.warmup
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        cfg = dataclasses.replace(base, dtype=dtype)
+        for batch_size, how in [(b, "generate") for b in sizes] + [(min(sizes), "nocache")]:
+            r = bench_case(cfg, params, batch_size, how, prompt_len, new, steps, warmup=warmup)
+            call_s = statistics.median(r["times_s"])
+            prefill_ms = None
+            if how == "generate":
+                idx_BT = jax.random.randint(jax.random.key(1), (batch_size, prompt_len), 0, cfg.vocab_size, jnp.int32)
+                _, prefill_s = time_prefill(cfg, params, idx_BT, new, steps)
+                prefill_ms = prefill_s * 1e3
+                decode = (new - 1) / max(call_s - prefill_s, 1e-9)  # the tokens after the prefill's
+            else:
+                decode = new / call_s  # every token is a full forward: no prefill apart
+            settings = {"model": f"{cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}", "params": cfg.num_params(),
+                        "vocab_size": cfg.vocab_size, "batch_size": batch_size, "dtype": dtype,
+                        "kv_cache": how == "generate", "prompt_len": prompt_len, "new_tokens": new,
+                        "block_size": cfg.block_size}
+            results = {"compile_s": r["compile_s"], "prefill_ms": prefill_ms, "decode_tokens_per_s": decode,
+                       "decode_tokens_per_s_all_rows": decode * batch_size, "ms_per_token": 1e3 / decode,
+                       "call_s": call_s, "times_s": r["times_s"]}
+            rows.append({"settings": settings, "results": results})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
