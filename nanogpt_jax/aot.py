@@ -262,10 +262,6 @@ def format_report(r: Report) -> str:
     return "\n".join(lines)
 
 
-_TOPOLOGY = flags.DEFINE_string("topology", "v5e-8", "TPU slice: v5e-8, v4-8, v5p-8, v6e-8, ... or v5e:2x4")
-_JSON = flags.DEFINE_string("json", None, "also write the report to this JSON file")
-
-
 def main(config: ConfigDict) -> Report:
     """`python -m nanogpt_jax.aot`: compile and print the report (and write --json).
 
@@ -273,10 +269,10 @@ def main(config: ConfigDict) -> Report:
         UserError: the step does not fit the chip's HBM (after printing the report), so the CLI
             exits 1; ConfigError for a bad topology, mesh or batch.
     """
-    report = compile_train_step(config, _TOPOLOGY.value)
+    report = compile_train_step(config, flags.FLAGS.topology)
     print(format_report(report), flush=True)
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
+    if flags.FLAGS.json:
+        with open(flags.FLAGS.json, "w") as f:
             json.dump(dataclasses.asdict(report) | {"compiled_bytes": report.compiled_bytes, "fits": report.fits},
                       f, indent=2)
     if not report.fits:
@@ -288,6 +284,10 @@ def main(config: ConfigDict) -> Report:
 
 
 if __name__ == "__main__":
+    # absl flags are process-global: defined only when this module is the script, so that importing it
+    # beside another module with a flag of the same name (e.g. --json) cannot fail
+    flags.DEFINE_string("topology", "v5e-8", "TPU slice: v5e-8, v4-8, v5p-8, v6e-8, ... or v5e:2x4")
+    flags.DEFINE_string("json", None, "also write the report to this JSON file")
     from nanogpt_jax import cli
 
     cli.main(main)

@@ -202,13 +202,9 @@ def format_table(est: MemoryEstimate, hbm_bytes: int | None = None) -> str:
     return "\n".join(lines)
 
 
-_DEVICES = flags.DEFINE_integer("devices", None, "devices of the mesh (default: this machine's)")
-_HBM_GIB = flags.DEFINE_float("hbm_gib", None, "memory per device in GiB, to say whether the step fits")
-
-
 def main(config: ConfigDict) -> MemoryEstimate:
     """`python -m nanogpt_jax.memory`: print the estimate for the config's model, batch and mesh."""
-    n = _DEVICES.value or jax.device_count()
+    n = flags.FLAGS.devices or jax.device_count()
     shape = mesh_shape_for(config, n)
     dtype = "bfloat16" if config.model.dtype == "auto" else config.model.dtype  # auto: what accelerators use
     gcfg = model_config(config, dtype)
@@ -216,11 +212,15 @@ def main(config: ConfigDict) -> MemoryEstimate:
     est = estimate(gcfg, batch_size=B, grad_accum=A, mesh_shape=shape)
     print(f"{gcfg.n_layer} layers x {gcfg.n_embd} wide, {dtype}, remat={gcfg.remat}; {A} x {B} sequences x "
           f"{gcfg.block_size} tokens; {n} devices, mesh " + " ".join(f"{k}={v}" for k, v in shape.items()))
-    print(format_table(est, int(_HBM_GIB.value * GiB) if _HBM_GIB.value else None), flush=True)
+    print(format_table(est, int(flags.FLAGS.hbm_gib * GiB) if flags.FLAGS.hbm_gib else None), flush=True)
     return est
 
 
 if __name__ == "__main__":
+    # absl flags are process-global: defined only when this module is the script, so that importing it
+    # beside another module with a flag of the same name (e.g. --json) cannot fail
+    flags.DEFINE_integer("devices", None, "devices of the mesh (default: this machine's)")
+    flags.DEFINE_float("hbm_gib", None, "memory per device in GiB, to say whether the step fits")
     from nanogpt_jax import cli
 
     cli.main(main)

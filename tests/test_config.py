@@ -61,3 +61,17 @@ def test_block_size_beyond_gpt2_weights_is_refused():
     c.model.block_size = 2048
     with pytest.raises(ConfigError, match="model.block_size=2048: GPT-2 weights cover 1024 positions"):
         validate(c)
+
+
+def test_every_library_module_imports_in_one_process():
+    """Importing the whole library together works: no absl flag (a process-global name) is defined
+    twice, e.g. a module's script flags colliding with another's."""
+    import importlib
+    import pkgutil
+
+    import nanogpt_jax
+
+    names = [m.name for m in pkgutil.walk_packages(nanogpt_jax.__path__, "nanogpt_jax.")]
+    assert {"nanogpt_jax.aot", "nanogpt_jax.memory", "nanogpt_jax.bench.data", "nanogpt_jax.bench.eval"} <= set(names)
+    for name in names:
+        importlib.import_module(name)

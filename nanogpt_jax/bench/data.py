@@ -38,11 +38,6 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-_CORPUS_MB = flags.DEFINE_list("corpus_mb", ["16", "64"], "Synthetic corpus sizes in MB for the prepare runs.")
-_LOADER_TOKENS = flags.DEFINE_integer("loader_tokens", 1 << 26, "Tokens in the loader's .bin file (uint16).")
-_RSS_BATCHES = flags.DEFINE_integer("rss_batches", 30_000, "Batches read in the resident-memory runs.")
-_JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
-
 SYLLABLES = [c + v for c in "bcdfghklmnprstvwy" for v in "aeiou"] + ["th", "st", "qu", "ng"]
 
 
@@ -214,7 +209,7 @@ def main(argv: list[str]) -> None:
     report: dict = {"machine": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        sizes = [float(v) for v in _CORPUS_MB.value]
+        sizes = [float(v) for v in flags.FLAGS.corpus_mb]
         prep = []
         for mb in sizes:
             corpus = tmp / f"corpus-{mb}"
@@ -226,7 +221,7 @@ def main(argv: list[str]) -> None:
 
         path = tmp / "train.bin"
         rng = np.random.default_rng(0)
-        n = _LOADER_TOKENS.value
+        n = flags.FLAGS.loader_tokens
         with open(path, "wb") as f:
             for lo in range(0, n, 1 << 24):
                 rng.integers(0, 50257, min(1 << 24, n - lo), dtype=np.uint16).tofile(f)
@@ -234,7 +229,7 @@ def main(argv: list[str]) -> None:
         report["loader"] = [bench_loader(path, 1), bench_loader(path, 40, batches=40)]
         for row in report["loader"]:
             print("loader", json.dumps(row), flush=True)
-        report["rss"] = [bench_rss(path, mode, _RSS_BATCHES.value) for mode in ("this loader", "naive")]
+        report["rss"] = [bench_rss(path, mode, flags.FLAGS.rss_batches) for mode in ("this loader", "naive")]
         for row in report["rss"]:
             print("rss", json.dumps(row), flush=True)
         report["file_mb"] = path.stat().st_size / 2**20
@@ -259,9 +254,15 @@ def main(argv: list[str]) -> None:
     for r in report["rss"]:
         print(f"  {r['reader']:>11}: +{r['growth_mb_at_quarters']} MB after each quarter of {r['batches']:,} "
               "batches")
-    if _JSON.value:
-        Path(_JSON.value).write_text(json.dumps(report, indent=1) + "\n")
+    if flags.FLAGS.json:
+        Path(flags.FLAGS.json).write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
+    # absl flags are process-global: defined only when this module is the script, so that importing it
+    # beside another module with a flag of the same name (e.g. --json) cannot fail
+    flags.DEFINE_list("corpus_mb", ["16", "64"], "Synthetic corpus sizes in MB for the prepare runs.")
+    flags.DEFINE_integer("loader_tokens", 1 << 26, "Tokens in the loader's .bin file (uint16).")
+    flags.DEFINE_integer("rss_batches", 30_000, "Batches read in the resident-memory runs.")
+    flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
     app.run(main)
