@@ -2,7 +2,7 @@
 
     python data_prep/shakespeare_char.py
     python run_train.py --config configs/shakespeare_char.py       # a GPU: val loss ~1.47
-    python run_train.py --config configs/shakespeare_char.py:cpu   # a laptop CPU: ~1.88 in minutes
+    python run_train.py --config configs/shakespeare_char.py:cpu   # a laptop CPU: val ~1.77 in minutes
 """
 
 from configs import default
@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
     c.sample.prompt = "\n"
     c.sample.max_new_tokens = 500
     c.sample.top_k = 200
-    if arg == "cpu":  # nanoGPT's README CPU run: 4 x 4 x 128, block 64, batch 12, 2000 steps
+    if arg == "cpu":  # the shape, batch and steps of nanoGPT's README CPU run: 4 x 4 x 128, block 64, batch 12, 2000
         c.out_dir = "out-shakespeare-char-cpu"
         c.model.n_layer, c.model.n_head, c.model.n_embd = 4, 4, 128
         c.model.block_size = 64
@@ -40,6 +40,10 @@ def get_config(arg: str | None = None):
         c.train.eval_iters = 20
         c.train.log_interval = 1
         c.optim.lr_decay_iters = 2000
+        # 3e-3, not the GPU recipe's 1e-3: this 0.8M-parameter model sees only 1.5M tokens. Measured on
+        # this recipe (exact loss on every val token at step 2000, seeds 1337/1/2): 1e-3 gives 1.892/1.900/1.899
+        # (nanoGPT's own 1e-3 run: 1.898), 2e-3 gives 1.798/1.814 (seeds 1337/1), 3e-3 gives 1.759/1.769/1.768
+        c.optim.learning_rate = 3e-3
     elif arg:
         raise ValueError(f"configs/shakespeare_char.py: unknown variant {arg!r}; the only one is cpu")
     return c
