@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -90,11 +91,7 @@ def bench_case(config: GPTConfig, params: dict, batch_size: int, how: str, promp
         compile_s -= time.perf_counter() - t0
     for _ in range(warmup - 1):
         run().block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run().block_until_ready()
-        times.append(time.perf_counter() - t0)
+    times = _time_calls(run, repeats)
     best = min(times)
     return dict(batch_size=batch_size, dtype=config.dtype, how=how, compile_s=compile_s, times_s=times,
                 tokens_per_s=max_new_tokens / best, tokens_per_s_worst=max_new_tokens / max(times),
@@ -116,12 +113,17 @@ def time_prefill(config: GPTConfig, params: dict, idx_BT: jax.Array, max_new_tok
     compile_s = time.perf_counter() - t0
     run = lambda: compiled(params=params, tokens_BN=tokens_BN, rng=jax.random.key(0))[1]  # noqa: E731
     run().block_until_ready()
+    return compile_s, statistics.median(_time_calls(run, repeats))
+
+
+def _time_calls(run: Callable[[], jax.Array], repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of `run`, each waited for."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         run().block_until_ready()
         times.append(time.perf_counter() - t0)
-    return compile_s, statistics.median(times)
+    return times
 
 
 PROMPT_LEN = 32  # random prompt tokens (at most block_size // 4)
