@@ -172,9 +172,7 @@ def compile_train_step(config: ConfigDict, topology_name: str) -> Report:
     gcfg = memory.model_config(config, dtype)
     model = GPT(gcfg)
     B, A, T = config.train.batch_size, config.train.gradient_accumulation_steps, gcfg.block_size
-    if B % (shape["data"] * shape["fsdp"]):
-        raise ConfigError(f"train.batch_size={B}: must be divisible by mesh.data x mesh.fsdp = "
-                          f"{shape['data'] * shape['fsdp']}")
+    sharding.check_batch_size(B, shape["data"] * shape["fsdp"])
     optim_config = train.optim_config(config)
     abstract = step.abstract_state(model, make_optimizer(optim_config), mesh)
     train_step = step.make_train_step(model, optim_config, mesh, abstract, grad_accum=A, seed=config.seed)

@@ -30,10 +30,31 @@ _CONFIG = config_flags.DEFINE_config_file(
     "--config.key=value.", lock_config=True)
 
 
+def _config_file_error(text: str) -> str | None:
+    """A readable line for a --config file that cannot be loaded (missing, or raising on import), else None."""
+    missing = re.search(r"No such file or directory: '([^']+)'", text)
+    if "No such file" in text and missing:
+        return f"no config file {missing.group(1)!r}; pass one of configs/*.py, e.g. --config configs/tiny.py"
+    if "Traceback (most recent call last)" in text:  # the config file raised: its own message, not the trace
+        last = re.findall(r"(?:^|\s)(\w+(?:Error|Exception)): (.+?)(?=\s+\w+(?:Error|Exception): |$)", text, re.S)
+        if last:
+            return " ".join(last[-1][1].split())
+    return None
+
+
 def _flag_error_message(e: BaseException) -> str:
     """Turn what absl / ml_collections raise for a bad flag into a one-line message naming the key."""
     text = str(e.args[0]) if isinstance(e, KeyError | AttributeError) and e.args else str(e)
-    text = text.strip("'\"").replace("\\n", " ").replace("\\'", "'")
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # KeyError's quotes, not the message's own
+        text = text[1:-1]
+    text = text.replace("\\n", " ").replace("\\'", "'")
+    file_error = _config_file_error(text)
+    if file_error:
+        return file_error
+    unknown = re.search(r"Unknown command line flag '(\w+)", text)
+    if unknown:
+        return (f"unknown flag --{unknown.group(1)}; settings are config keys: --config.<section>.<key>=value, "
+                f"e.g. --config.train.max_iters=100 (see configs/default.py)")
     key = re.search(r"--(config[\w.]*)", " ".join(sys.argv))
     if isinstance(e, KeyError | AttributeError):
         bad = re.match(r"'?([\w]+)'?", text)
@@ -50,6 +71,8 @@ _QUIET_PACKAGES = ("/orbax/", "/jax/_src/", "/absl/")
 
 
 def _quiet_libraries(record: std_logging.LogRecord) -> bool:
+    if "/orbax/" in record.pathname and str(record.msg).startswith("Given directory is read only"):
+        return False  # we open checkpoints read-only on purpose (sampling, evaluation)
     if record.levelno >= std_logging.WARNING or logging.get_verbosity() >= logging.DEBUG:
         return True
     return not any(p in record.pathname for p in _QUIET_PACKAGES)
@@ -58,7 +81,7 @@ def _quiet_libraries(record: std_logging.LogRecord) -> bool:
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
-    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - anything raised while parsing flags comes from the command line
         fail(_flag_error_message(e))
 
 
@@ -71,7 +94,7 @@ def load_config() -> ConfigDict:
         try:
             config.unlock()
         except Exception as e:  # noqa: BLE001 - its message is the load error
-            raise UserError(f"cannot load --config: {e}") from None
+            raise UserError(f"cannot load --config: {_config_file_error(str(e)) or e}") from None
     validate(config)
     return config
 

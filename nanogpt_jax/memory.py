@@ -132,8 +132,7 @@ def estimate(config: GPTConfig, *, batch_size: int, grad_accum: int, mesh_shape:
         ConfigError: batch_size is not divisible by data x fsdp.
     """
     d, f, t = (mesh_shape[a] for a in sharding.MESH_AXES)
-    if batch_size % (d * f):
-        raise ConfigError(f"train.batch_size={batch_size}: must be divisible by mesh.data x mesh.fsdp = {d * f}")
+    sharding.check_batch_size(batch_size, d * f)
     c = jnp.dtype(config.compute_dtype).itemsize
     L, D, H, T, V = config.n_layer, config.n_embd, config.n_head, config.block_size, config.vocab_size
     tokens = batch_size // (d * f) * T

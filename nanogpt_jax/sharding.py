@@ -77,6 +77,17 @@ def batch_divisor(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def check_batch_size(batch_size: int, divisor: int, name: str = "train.batch_size") -> None:
+    """Raise ConfigError unless `batch_size` rows split evenly over `divisor` = mesh.data x mesh.fsdp
+    devices (each holds an equal share of every batch); the message names the nearest fixes."""
+    if batch_size % divisor:
+        down, up = batch_size // divisor * divisor, -(-batch_size // divisor) * divisor
+        fixes = " or ".join(str(v) for v in (down, up) if v > 0)
+        raise ConfigError(f"{name}={batch_size}: must be divisible by mesh.data x mesh.fsdp = {divisor} (each of "
+                          f"those devices holds an equal share of the batch); set it to {fixes} (raise "
+                          "gradient_accumulation_steps to keep the tokens per step), or change mesh.*")
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 3) -> NamedSharding:
     """Sharding of a token batch: (A, B, T) micro-steps x rows x positions, or (B, T) with ndim=2."""
     spec = P(None, BATCH_AXES, None) if ndim == 3 else P(BATCH_AXES, None)

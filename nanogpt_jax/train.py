@@ -29,7 +29,7 @@ from ml_collections import ConfigDict
 from nanogpt_jax import config as config_lib
 from nanogpt_jax import data, distributed, evaluate, loggers, metrics, sharding
 from nanogpt_jax.checkpoint import Checkpointer
-from nanogpt_jax.errors import CheckpointError, ConfigError, UserError
+from nanogpt_jax.errors import CheckpointError, UserError
 from nanogpt_jax.model import GPT, GPTConfig
 from nanogpt_jax.optim import OptimConfig, make_optimizer
 from nanogpt_jax.step import TrainState, abstract_state, init_state, make_eval_step, make_train_step
@@ -65,6 +65,14 @@ def _runtime_overrides(config: ConfigDict) -> dict[str, Any]:
     m = config.model
     return {"dropout": m.dropout, "dtype": config_lib.resolve_dtype(m.dtype), "remat": m.remat,
             "attention": m.attention}
+
+
+def _require_checkpoint(out_dir: str | os.PathLike) -> None:
+    """Raise CheckpointError unless out_dir/checkpoints holds a step folder (checked before the
+    checkpointer, which would create the folder)."""
+    d = checkpoint_dir(out_dir)
+    if not (d.is_dir() and any(p.name.isdigit() for p in d.iterdir())):
+        raise CheckpointError(f"init_from=resume: no checkpoint in {d}; train first or set --config.init_from=scratch")
 
 
 def build_state(config: ConfigDict, mesh: jax.sharding.Mesh, ckpt: Checkpointer,
@@ -191,14 +199,14 @@ class _Run:
     def __init__(self, config: ConfigDict):
         self.t_start = time.time()
         self.config = c = config
-        self.out_dir = prepare_out_dir(c.out_dir)
+        # every check of the input before anything is written to out_dir
         self.mesh = mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
         B, A = c.train.batch_size, c.train.gradient_accumulation_steps
-        if B % sharding.batch_divisor(mesh):
-            raise ConfigError(f"train.batch_size={B}: must be divisible by mesh.data x mesh.fsdp = "
-                              f"{sharding.batch_divisor(mesh)} (each of those devices holds an equal share of the "
-                              "batch)")
+        sharding.check_batch_size(B, sharding.batch_divisor(mesh))
         meta = data.load_meta(c.data.data_dir)
+        if c.init_from == "resume":
+            _require_checkpoint(c.out_dir)
+        self.out_dir = prepare_out_dir(c.out_dir)
         self.ckpt = Checkpointer(checkpoint_dir(self.out_dir), keep=c.train.keep_checkpoints)
         try:
             self.model, self.state, resumed = build_state(c, mesh, self.ckpt, meta)

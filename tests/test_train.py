@@ -175,6 +175,8 @@ def test_bad_input_fails_before_training(token_data, tmp_path, overrides, error,
     with pytest.raises(error, match=message):
         train(tiny_run_config(token_data, out, **overrides))
     assert not (out / "summary.json").exists()
+    if "model.block_size" not in overrides:  # found before out_dir is touched: nothing is written at all
+        assert not out.exists()
 
 
 def test_unwritable_out_dir(token_data, tmp_path):
@@ -212,6 +214,35 @@ def test_cli_errors_are_one_line(args, message, tmp_path):
     import re
 
     assert re.search(message, lines[0]), lines[0]
+
+
+def _one_error_line(done) -> str:
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
+    return lines[0]
+
+
+def test_cli_resume_without_a_checkpoint_is_one_line_and_writes_nothing(token_data, tmp_path):
+    out = tmp_path / "never_trained"
+    line = _one_error_line(run_train_cli(*cli_args(token_data, out, init_from="resume")))
+    assert "init_from=resume: no checkpoint in" in line and not out.exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", "configs/nope.py", "--config.out_dir=x"], r"^error: no config file 'configs/nope.py'; pass one of"),
+    (["--config", "configs/nope.py"], r"no config file 'configs/nope.py'"),
+    (["--config", "configs/shakespeare_char.py:gpu"], r"^error: configs/shakespeare_char.py: unknown variant 'gpu'"),
+    (["--config", "configs/tiny.py", "--max_iters=5"], r"unknown flag --max_iters; .*--config.train.max_iters="),
+    (["--config", "configs/tiny.py", "--config.train.batch_size=abc"], r"'abc'$"),
+])
+def test_cli_config_file_and_flag_errors_are_one_line(args, message, tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "run_train.py"), *args], cwd=ROOT, env=cli_env(),
+                          capture_output=True, text=True)
+    import re
+
+    line = _one_error_line(done)
+    assert re.search(message, line) and "Traceback" not in line, line
 
 
 @pytest.mark.slow

@@ -37,7 +37,6 @@ from ml_collections import ConfigDict
 from nanogpt_jax import config as config_lib
 from nanogpt_jax import data, metrics, sharding
 from nanogpt_jax.bench import report
-from nanogpt_jax.errors import ConfigError
 from nanogpt_jax.model import GPT
 from nanogpt_jax.optim import make_optimizer
 from nanogpt_jax.step import TrainState, init_state, make_train_step
@@ -89,9 +88,7 @@ def setup(config: ConfigDict, batch_size: int) -> Setup:
     c = config
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     A = c.train.gradient_accumulation_steps
-    if batch_size % sharding.batch_divisor(mesh):
-        raise ConfigError(f"batch size {batch_size}: must be divisible by mesh.data x mesh.fsdp = "
-                          f"{sharding.batch_divisor(mesh)}; choose bench.batch_sizes (or train.batch_size) accordingly")
+    sharding.check_batch_size(batch_size, sharding.batch_divisor(mesh), "bench batch size")
     vocab = model_vocab_size(c)
     gcfg = config_lib.gpt_config(c, **({"vocab_size": vocab} if vocab else {}))
     model = GPT(gcfg)
