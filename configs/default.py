@@ -101,7 +101,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.bench.warmup = 3  # untimed steps (generate: calls) after compilation and a first call
     # global batch sizes to run, e.g. (4, 8, 16): a sweep, charted; () = train.batch_size (generate: 1 and 8)
     c.bench.batch_sizes = ()
-    c.bench.out = "bench/result.json"  # JSON report (markdown and PNG beside it)
+    c.bench.out = placeholder(str)  # JSON report (markdown, PNG beside it); None = bench/<mode>.json
     c.bench.compare = placeholder(str)  # an earlier result.json to print ratios against
     c.bench.peak_tflops = placeholder(float)  # override the device's peak TFLOP/s for MFU
     c.bench.data = False  # train/profile: True reads data.data_dir's train.bin via the loader; False: random ids

@@ -264,7 +264,8 @@ class Evaluator:
         if not _same_tokenizer(ds.tokenizer, tok):
             raise DataError(f"{data_dir} was tokenized with a {ds.tokenizer.n_vocab}-token {ds.tokenizer.name} "
                             f"vocabulary, the model uses a {tok.n_vocab}-token {tok.name} one; evaluate on data "
-                            "prepared for this model")
+                            "prepared for this model" + (f", e.g. --config.data.data_dir={hint} (the checkpoint's)"
+                                                         if hint and Path(hint).is_dir() else ""))
         tokens = ds.split(split)
         if len(tokens) < 2:
             raise DataError(f"{data_dir}/{split}.bin holds {len(tokens)} token(s); at least 2 are needed")

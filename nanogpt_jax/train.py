@@ -88,6 +88,10 @@ def build_state(config: ConfigDict, mesh: jax.sharding.Mesh, ckpt: Checkpointer,
                                   "--config.init_from=scratch")
         record = ckpt.record(step)
         shape = dict(record["model"])
+        differs = [f"model.{k}={config.model[k]} (checkpoint: {shape[k]})" for k in ("n_layer", "n_head", "n_embd",
+                   "block_size", "bias") if k in shape and config.model[k] != shape[k]]
+        if differs:  # the weights fix the shape; say so rather than ignore the setting silently
+            logging.warning("init_from=resume keeps the checkpoint's model shape; ignored: %s", ", ".join(differs))
         model = GPT(GPTConfig(**{**shape, **_runtime_overrides(config)}))
         state, record = ckpt.restore(abstract_state(model, optimizer, mesh), step)
         logging.info("resumed from %s at step %d", ckpt.directory, step)

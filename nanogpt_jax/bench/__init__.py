@@ -8,9 +8,10 @@
     profile   a jax.profiler trace of a few train steps into <out_dir>/profile and the operations
               that take the most time (nanogpt_jax.bench.profile)
 
-Every mode prints a markdown table and writes bench.out (JSON: the figures, the environment, the
-config), a .md beside it and, for two rows or more (e.g. a sweep over bench.batch_sizes), a .png
-chart. bench.compare=<an earlier result.json> prints new / old ratios of the matching rows.
+Every mode prints a markdown table and writes bench.out, by default bench/<mode>.json (JSON: the
+figures, the environment, the config), a .md beside it and, for two rows or more (e.g. a sweep
+over bench.batch_sizes), a .png chart. bench.compare=<an earlier report> prints new / old ratios
+of the matching rows.
 The modules also run alone with their own flags: `python -m nanogpt_jax.bench.<name>`.
 """
 
@@ -58,11 +59,12 @@ def run(config: ConfigDict) -> dict[str, Any]:
         raise DataError(f"bench.compare={b.compare!r} is a {old['mode']} report; compare it with "
                         f"--config.bench.mode={old['mode']}")
     result = report.make_report(b.mode, _rows(config), config.to_dict())
-    paths = report.write(result, b.out)
+    out = b.out or f"bench/{b.mode}.json"  # one file per mode: a generate run keeps the train figures
+    paths = report.write(result, out)
     comparison = None
     if old is not None:
         try:
-            comparison = report.compare(old, result, b.compare, b.out)
+            comparison = report.compare(old, result, b.compare, out)
         except DataError as e:  # the figures are written; say why there are no ratios
             comparison = f"compare: {e}\n"
     report.print_report(result, paths, comparison)
@@ -79,8 +81,6 @@ def check_config(config: ConfigDict) -> None:
     bad = [v for v in b.batch_sizes if not isinstance(v, int) or v < 1]
     if bad:
         raise ConfigError(f"bench.batch_sizes={tuple(b.batch_sizes)!r}: each must be a positive integer")
-    if not b.out:
-        raise ConfigError("bench.out: give a path for the JSON report, e.g. bench/result.json")
     if b.peak_tflops is not None and b.peak_tflops <= 0:
         raise ConfigError(f"bench.peak_tflops={b.peak_tflops}: must be > 0 (TFLOP/s of one device)")
 
