@@ -190,3 +190,9 @@ def peak_flops(device: jax.Device, dtype: str, override_tflops: float | None = N
 @functools.cache
 def _warn_once(reason: str) -> None:
     logging.warning("MFU unknown: %s", reason)
+
+
+def peak_bytes_in_use(device: jax.Device) -> int | None:
+    """The device's peak bytes in use so far (`device.memory_stats()`), where the backend reports it
+    (GPU, TPU); None on the CPU."""
+    return (device.memory_stats() or {}).get("peak_bytes_in_use")

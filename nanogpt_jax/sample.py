@@ -18,18 +18,12 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import data, sharding, tokenizer
+from nanogpt_jax import data, tokenizer
 from nanogpt_jax.checkpoint import Checkpointer
 from nanogpt_jax.errors import CheckpointError, ConfigError, UserError
-from nanogpt_jax.model import GPT, GPTConfig
+from nanogpt_jax.model import GPT, GPTConfig, init_params
+from nanogpt_jax.step import param_shardings
 from nanogpt_jax.train import checkpoint_dir
-
-
-def param_shardings(model: GPT, mesh: jax.sharding.Mesh) -> Any:
-    """NamedShardings of `model`'s params on `mesh`, from their logical axis names (replicated on a
-    pure data-parallel mesh, split as mesh.fsdp / mesh.tensor say otherwise)."""
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
-    return sharding.logical_shardings(boxed, mesh)
 
 
 def load_model(config: ConfigDict, mesh: jax.sharding.Mesh | None = None,
@@ -59,11 +53,11 @@ def load_model(config: ConfigDict, mesh: jax.sharding.Mesh | None = None,
         model = GPT(GPTConfig(**{**record["model"], **options, "dropout": 0.0, "remat": "none"}))
         if mesh is None:
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            shards = jax.tree.map(lambda _: device, jax.eval_shape(lambda: _init(model)))
+            shards = jax.tree.map(lambda _: device, jax.eval_shape(lambda: init_params(model, jax.random.key(0))))
         else:
             shards = param_shardings(model, mesh)
         abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                jax.eval_shape(lambda: _init(model)), shards)
+                                jax.eval_shape(lambda: init_params(model, jax.random.key(0))), shards)
         params, record = ckpt.restore_params(abstract, step)
         data_dir = record["data_dir"]
         if not Path(data_dir).is_dir() and Path(config.data.data_dir).is_dir():
@@ -87,12 +81,6 @@ def load_model(config: ConfigDict, mesh: jax.sharding.Mesh | None = None,
     param_dtype = "bfloat16" if jax.default_backend() != "cpu" and dtype == "bfloat16" else "float32"
     model, params = convert.load_pretrained(init, shardings=shards, param_dtype=param_dtype, **options)
     return model, params, tokenizer.gpt2(), {"pretrained": init}
-
-
-def _init(model: GPT) -> Any:
-    from nanogpt_jax.model import init_params
-
-    return init_params(model, jax.random.key(0))
 
 
 def read_prompt(prompt: str) -> str:

@@ -54,6 +54,13 @@ def _init_fn(model: GPT, optimizer: optax.GradientTransformation, params: Any | 
     return init
 
 
+def param_shardings(model: GPT, mesh: Mesh) -> Any:
+    """NamedShardings of `model`'s params on `mesh`, from their logical axis names (replicated on a
+    pure data-parallel mesh, split as mesh.fsdp / mesh.tensor say otherwise)."""
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    return sharding.logical_shardings(boxed, mesh)
+
+
 def state_shardings(model: GPT, optimizer: optax.GradientTransformation, mesh: Mesh) -> Any:
     """NamedShardings of the TrainState on `mesh`, from the model's logical axis names."""
     boxed = jax.eval_shape(_init_fn(model, optimizer, None), jax.random.key(0))
@@ -102,13 +109,10 @@ def accumulate_gradients(loss_fn: Callable, params: Any, x_ABT: jax.Array, y_ABT
             grads_acc = jax.lax.with_sharding_constraint(grads_acc, param_shards)
         return grads_acc, loss
 
-    A = x_ABT.shape[0]
-    if A == 1:  # no loop and no accumulator: one fewer pass over the gradients on every step
-        loss, grads = jax.value_and_grad(loss_fn)(params, x_ABT[0], y_ABT[0], jax.random.fold_in(key, 0))
-        return loss, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     if param_shards is not None:
         zeros = jax.lax.with_sharding_constraint(zeros, param_shards)
+    A = x_ABT.shape[0]
     grads, losses_A = jax.lax.scan(micro, zeros, (x_ABT, y_ABT, jnp.arange(A)))
     # every micro-batch has B x T tokens, so the mean of their means is the mean over all tokens
     return losses_A.mean(), jax.tree.map(lambda g: g / A, grads)

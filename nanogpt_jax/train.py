@@ -32,7 +32,7 @@ from nanogpt_jax.checkpoint import Checkpointer
 from nanogpt_jax.errors import CheckpointError, UserError
 from nanogpt_jax.model import GPT, GPTConfig
 from nanogpt_jax.optim import OptimConfig, make_optimizer
-from nanogpt_jax.step import TrainState, abstract_state, init_state, make_eval_step, make_train_step
+from nanogpt_jax.step import TrainState, abstract_state, init_state, make_eval_step, make_train_step, param_shardings
 
 
 def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
@@ -105,10 +105,7 @@ def build_state(config: ConfigDict, mesh: jax.sharding.Mesh, ckpt: Checkpointer,
     gpt_cfg = convert.pretrained_config(init, **_runtime_overrides(config), block_size=config.model.block_size,
                                         scan_layers=config.model.scan_layers)
     model = GPT(gpt_cfg)
-    from nanogpt_jax.step import state_shardings
-
-    param_shardings = state_shardings(model, optimizer, mesh).params
-    model, params = convert.load_pretrained(init, shardings=param_shardings, **asdict(gpt_cfg))
+    model, params = convert.load_pretrained(init, shardings=param_shardings(model, mesh), **asdict(gpt_cfg))
     return model, init_state(model, optimizer, mesh, jax.random.key(config.seed), params=params), {}
 
 
@@ -344,7 +341,5 @@ class _Run:
 
 
 def _peak_memory() -> int | None:
-    """Peak bytes in use on this process's first device, where the backend reports it (GPU, TPU;
-    not the CPU). Another process's devices cannot be asked."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
+    """Peak bytes in use on this process's first device (another process's cannot be asked)."""
+    return metrics.peak_bytes_in_use(jax.local_devices()[0])

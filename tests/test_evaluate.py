@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, free_port, tiny_run_config
 
-from nanogpt_jax import evaluate, sample, sharding, tokenizer
+from nanogpt_jax import evaluate, sharding, step, tokenizer
 from nanogpt_jax.errors import ConfigError, DataError
 from nanogpt_jax.evaluate import Scorer, perplexity
 from nanogpt_jax.model import GPT, token_losses
@@ -88,7 +88,7 @@ def test_the_same_loss_on_1_and_8_devices_and_on_an_fsdp_tensor_mesh(tiny):
     losses = []
     for mesh, batch_size in ((sharding.make_mesh(devices=jax.devices()[:1]), 3), (sharding.make_mesh(), 8),
                              (sharding.make_mesh(2, 2, 2), 4)):
-        placed = jax.device_put(params, sample.param_shardings(model, mesh))
+        placed = jax.device_put(params, step.param_shardings(model, mesh))
         r = perplexity(scorer_on(model, mesh), placed, tokens, block_size=16, stride=6, batch_size=batch_size)
         assert r["tokens"] == 202
         losses.append(r["loss"])
@@ -197,7 +197,7 @@ def test_text_task_scores_a_file_like_its_tokens(tiny_run, token_data, tmp_path)
 # the loss and HellaSwag results of fixed tiny models on a mesh: run by each of two processes and by this one
 EVAL_ON_MESH = """
 import jax, numpy as np
-from nanogpt_jax import hellaswag, sample, tokenizer
+from nanogpt_jax import hellaswag, step, tokenizer
 from nanogpt_jax.evaluate import Scorer, hellaswag_accuracy, perplexity
 from nanogpt_jax.model import GPT, GPTConfig, init_params
 
@@ -205,7 +205,7 @@ def eval_on_mesh(mesh, cache_dir):
     def placed(model):
         params = init_params(model, jax.random.key(0))  # the same on every process
         return jax.tree.map(lambda a, s: jax.make_array_from_callback(a.shape, s, lambda i: np.asarray(a)[i]),
-                            params, sample.param_shardings(model, mesh))
+                            params, step.param_shardings(model, mesh))
 
     def scorer(model):
         return Scorer(lambda p, x: model.apply({"params": p}, x), mesh)

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nanogpt_jax import hellaswag, sample, sharding, tokenizer
+from nanogpt_jax import hellaswag, sharding, step, tokenizer
 from nanogpt_jax.errors import DataError
 from nanogpt_jax.evaluate import Scorer, hellaswag_accuracy
 from nanogpt_jax.model import GPT, GPTConfig, init_params
@@ -144,7 +144,7 @@ def test_real_examples_give_the_same_result_on_1_and_8_devices_and_a_sharded_mes
     results = []
     for mesh, batch_size in ((sharding.make_mesh(devices=jax.devices()[:1]), 2), (sharding.make_mesh(), 8),
                              (sharding.make_mesh(2, 2, 2), 4)):
-        placed = jax.device_put(params, sample.param_shardings(model, mesh))
+        placed = jax.device_put(params, step.param_shardings(model, mesh))
         scorer = Scorer(lambda p, x: model.apply({"params": p}, x), mesh)
         r = hellaswag_accuracy(scorer, placed, rendered, batch_size=batch_size, block_size=16)
         assert r["examples"] == 6 and r["row_lengths"] == [16]

@@ -18,16 +18,17 @@ import jax
 from absl import app, flags
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import hellaswag, sample, sharding, tokenizer
+from nanogpt_jax import hellaswag, sharding, tokenizer
 from nanogpt_jax.evaluate import Scorer, hellaswag_accuracy
 from nanogpt_jax.model import GPT, GPT2_SIZES, GPTConfig, init_params
+from nanogpt_jax.step import param_shardings
 
 
 def main(argv: list[str]) -> None:
     del argv
     mesh = sharding.make_mesh()
     model = GPT(GPTConfig.gpt2(flags.FLAGS.model, dtype=config_lib.resolve_dtype(flags.FLAGS.dtype)))
-    shards = sample.param_shardings(model, mesh)  # replicated on a data-parallel mesh
+    shards = param_shardings(model, mesh)  # replicated on a data-parallel mesh
     with sharding.activate(mesh):  # initialised in place
         params = jax.jit(lambda k: init_params(model, k), out_shardings=shards)(jax.random.key(0))
     T = model.config.block_size

@@ -96,7 +96,6 @@ def memory_figures(compiled: Any, device: jax.Device) -> dict[str, int | None]:
     and the device's peak bytes in use so far (`device.memory_stats()`; None where the backend,
     e.g. the CPU, does not report it)."""
     m = compiled.memory_analysis()
-    stats = device.memory_stats() or {}
 
     def get(name: str) -> int | None:
         value = getattr(m, name, None) if m is not None else None
@@ -106,7 +105,7 @@ def memory_figures(compiled: Any, device: jax.Device) -> dict[str, int | None]:
             "alias_bytes": get("alias_size_in_bytes"), "temp_bytes": get("temp_size_in_bytes"),
             "generated_code_bytes": get("generated_code_size_in_bytes"),
             "compiled_peak_bytes": get("peak_memory_in_bytes"),
-            "device_peak_bytes": stats.get("peak_bytes_in_use")}
+            "device_peak_bytes": metrics.peak_bytes_in_use(device)}
 
 
 def _cpu_name() -> str:
