@@ -14,6 +14,7 @@ interrupted copy or download never leaves a partial file under the final name.
 from __future__ import annotations
 
 import http.client
+import io
 import os
 import shutil
 import tempfile
@@ -62,7 +63,7 @@ def fetch(mirror_relpath: str, url: str, dest: str | os.PathLike) -> Path:
         logging.info("copying %s from the data mirror %s", mirror_relpath, local.parent)
         try:
             with open(local, "rb") as src:
-                _write_atomic(src, dest)
+                write_atomic(src, dest)
         except OSError as e:
             raise DataError(f"cannot copy {local} to {dest} ({e.strerror or e}); check both paths") from None
         return dest
@@ -71,7 +72,7 @@ def fetch(mirror_relpath: str, url: str, dest: str | os.PathLike) -> Path:
     logging.info("downloading %s to %s", url, dest)
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
-            _write_atomic(response, dest)
+            write_atomic(response, dest)
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
         reason = getattr(e, "reason", None) or e
         raise DataError(f"cannot download {url} ({reason}); offline, put the file at "
@@ -81,8 +82,9 @@ def fetch(mirror_relpath: str, url: str, dest: str | os.PathLike) -> Path:
     return dest
 
 
-def _write_atomic(src: BinaryIO, dest: Path) -> None:
-    """Stream `src` into a temporary file beside `dest`, then rename it to `dest`."""
+def write_atomic(src: BinaryIO, dest: Path) -> None:
+    """Stream `src` into a temporary file beside `dest`, then rename it to `dest`: a crash leaves the
+    old file or the new one, never half of one. Raises DataError if dest's folder is not writable."""
     try:
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     except OSError as e:
@@ -95,6 +97,11 @@ def _write_atomic(src: BinaryIO, dest: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(dest: Path, text: str) -> None:
+    """`write_atomic` for text (UTF-8)."""
+    write_atomic(io.BytesIO(text.encode()), dest)
 
 
 def tiktoken_cache_dir() -> Path | None:

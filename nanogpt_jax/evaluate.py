@@ -32,7 +32,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -389,29 +388,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: dict, json_path: str | Path) -> tuple[Path, Path]:
     """Write the report to json_path and its markdown table beside it (.md), each atomically."""
     json_path = Path(json_path)
     md_path = json_path.with_suffix(".md")
     try:
-        _write_atomic(json_path, json.dumps(report, indent=2) + "\n")
-        _write_atomic(md_path, markdown(report))
-    except OSError as e:
-        raise DataError(f"cannot write the report {json_path} ({e.strerror or e}); choose another --config.eval.out") \
-            from None
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        download.write_text_atomic(json_path, json.dumps(report, indent=2) + "\n")
+        download.write_text_atomic(md_path, markdown(report))
+    except (OSError, DataError) as e:
+        why = getattr(e, "strerror", None) or e
+        raise DataError(f"cannot write the report {json_path} ({why}); choose another --config.eval.out") from None
     return json_path, md_path
 
 

@@ -109,9 +109,7 @@ class BinWriter:
 
 def write_json(path: Path, obj: dict) -> None:
     """Write JSON to `path` atomically (a temporary file renamed into place)."""
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    download.write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def commit(out_dir: Path, tok: tokenizers.Tokenizer, splits: dict[str, dict], source: str) -> dict:
