@@ -33,12 +33,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 def _config_file_error(text: str) -> str | None:
     """A readable line for a --config file that cannot be loaded (missing, or raising on import), else None."""
     missing = re.search(r"No such file or directory: '([^']+)'", text)
-    if "No such file" in text and missing:
+    if missing:
         return f"no config file {missing.group(1)!r}; pass one of configs/*.py, e.g. --config configs/tiny.py"
-    if "Traceback (most recent call last)" in text:  # the config file raised: its own message, not the trace
-        last = re.findall(r"(?:^|\s)(\w+(?:Error|Exception)): (.+?)(?=\s+\w+(?:Error|Exception): |$)", text, re.S)
-        if last:
-            return " ".join(last[-1][1].split())
+    if "Traceback (most recent call last)" in text:  # the config file raised: the last line is its message
+        return text.strip().splitlines()[-1].split(": ", 1)[-1]
     return None
 
 
