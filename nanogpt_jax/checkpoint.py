@@ -167,6 +167,7 @@ class Checkpointer:
                 f"cannot read the checkpoints in {self.directory} ({_first_line(e)}); delete {folder} "
                 "or choose a new out_dir") from e
         self._read_only = read_only
+        self._path = path
         self._pending_step: int | None = None  # the step whose save may still be running
         self._closed = False
         self._best_val_loss = self._best_val_loss_on_disk()
@@ -207,6 +208,12 @@ class Checkpointer:
             raise CheckpointError(
                 f"cannot save step {step}: {self.directory} already has the newer step {latest}; resume from "
                 f"step {latest} (init_from=resume) or use a new out_dir")
+        # A folder that stopped taking writes (permissions, a read-only remount) fails here, in the caller,
+        # on every process: inside orbax's background save it would leave threads waiting forever.
+        problem = _write_problem(self._path)
+        if problem:
+            self._pending_step = step
+            raise self._save_failed(problem)
         finite = val_loss is not None and math.isfinite(float(val_loss))
         best = self._best_val_loss
         if finite and (best is None or float(val_loss) < best):
@@ -235,8 +242,21 @@ class Checkpointer:
             raise self._save_failed(e) from e
         self._pending_step = None
 
+    def check(self) -> None:
+        """Without blocking: raise now if the pending background save has ended in failure.
+
+        Call it often (the trainer does at every step): a save that failed is then reported
+        within a step, not at the next save an eval_interval later.
+
+        Raises:
+            CheckpointError: as `wait`.
+        """
+        if self._pending_step is not None and not self._manager.is_saving_in_progress():
+            self.wait()  # finished: returns at once, raising the save's error if it failed
+
     def close(self) -> None:
-        """Wait for pending saves (see `wait`) and release orbax's threads. Safe to call twice."""
+        """Wait for pending saves (see `wait`) and release orbax's threads. Safe to call twice.
+        A checkpoint folder this checkpointer created and never saved into is removed."""
         if self._closed:
             return
         self._closed = True
@@ -244,6 +264,17 @@ class Checkpointer:
             self.wait()
         finally:
             self._manager.close()
+            self._remove_if_empty()
+
+    def _remove_if_empty(self) -> None:
+        """A run that failed before its first save leaves no empty checkpoints/ folder behind."""
+        if self._read_only or jax.process_index() != 0:
+            return
+        try:
+            if self._path.is_dir() and not any(self._path.iterdir()):
+                self._path.rmdir()
+        except OSError:  # e.g. another writer just created something in it: keep it
+            pass
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -257,7 +288,7 @@ class Checkpointer:
         except CheckpointError as e:
             logging.error("%s", e)
 
-    def _save_failed(self, e: BaseException) -> CheckpointError:
+    def _save_failed(self, e: BaseException | str) -> CheckpointError:
         """The error for a failed save; re-reads the folder, since orbax's list may have dropped steps."""
         step = self._pending_step
         self._pending_step = None
@@ -267,9 +298,9 @@ class Checkpointer:
         except Exception:  # the folder itself may be gone; the error below says so
             pass
         what = f"saving checkpoint step {step}" if step is not None else "saving a checkpoint"
-        return CheckpointError(
-            f"{what} to {self.directory} failed ({_first_line(e)}); check the disk (space, permissions); "
-            "earlier checkpoints are intact")
+        why = e if isinstance(e, str) else _first_line(e)
+        return CheckpointError(f"{what} to {self.directory} failed ({why}); check the disk (space, permissions); "
+                               "earlier checkpoints are intact")
 
     # ---- finding steps --------------------------------------------------------------------------
 
@@ -481,11 +512,11 @@ def _unreadable_metrics(path: epath.Path) -> str | None:
     return None
 
 
-def _check_writable(path: epath.Path, shown: str) -> None:
-    """Fail now, not at the first save hours in, if `path` cannot hold checkpoints.
+def _write_problem(path: epath.Path) -> str | None:
+    """Why `path` cannot take files now (None: it can), as process 0 finds it; with several
+    processes its verdict is broadcast, so every process gets the same answer.
 
-    Process 0 creates the folder and a probe file (the only file I/O of this module outside orbax);
-    with several processes its verdict is broadcast, so every process raises together.
+    Process 0 creates the folder and a probe file (the only file I/O of this module outside orbax).
     """
     problem = None
     if jax.process_index() == 0:
@@ -495,9 +526,15 @@ def _check_writable(path: epath.Path, shown: str) -> None:
             probe.write_text("")
             probe.unlink()
         except Exception as e:  # OSError locally; gcsfs / epath raise their own types
-            problem = getattr(e, "strerror", None) or _first_line(e)
+            problem = _first_line(e)
     if jax.process_count() > 1:
         ok = multihost_utils.broadcast_one_to_all(np.int32(problem is None))
         problem = problem or (None if int(ok) else "process 0 could not write there")
+    return problem
+
+
+def _check_writable(path: epath.Path, shown: str) -> None:
+    """Fail now, not at the first save hours in, if `path` cannot hold checkpoints."""
+    problem = _write_problem(path)
     if problem:
         raise CheckpointError(f"cannot write checkpoints to {shown} ({problem}); set out_dir to a writable folder")

@@ -14,8 +14,11 @@ with the input (`UserError`, a bad flag, a config file that cannot be loaded) pr
 from __future__ import annotations
 
 import logging as std_logging
+import os
 import re
 import sys
+import threading
+import time
 from collections.abc import Callable
 
 from absl import app, flags, logging
@@ -97,6 +100,28 @@ def load_config() -> ConfigDict:
     return config
 
 
+def _fail_without_waiting(message: str, grace_seconds: float = 5.0) -> None:
+    """`fail(message)`, but never left hanging at exit by a library's worker thread.
+
+    Python waits for every non-daemon thread before it exits. After a checkpoint save that failed
+    in the background, orbax leaves threads waiting for a signal that never comes, so the process
+    would print its error and then never end. Threads get `grace_seconds` to finish; if some are
+    still alive the process exits at once (the error line is printed and the logs are flushed).
+    """
+    deadline = time.monotonic() + grace_seconds
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        try:
+            fail(message)
+        except SystemExit:
+            logging.flush()
+            sys.stdout.flush()
+            os._exit(1)
+    fail(message)
+
+
 def main(fn: Callable[[ConfigDict], object]) -> None:
     """Run `fn(config)` as an absl app with one-line errors for bad input."""
 
@@ -110,8 +135,8 @@ def main(fn: Callable[[ConfigDict], object]) -> None:
             distributed.initialize(config)  # multi-host runs and the compile cache, before any device is used
             fn(config)
         except UserError as e:
-            fail(str(e))
+            _fail_without_waiting(str(e))
         except KeyboardInterrupt:
-            fail("interrupted")
+            _fail_without_waiting("interrupted")
 
     app.run(_main, flags_parser=_parse_flags)

@@ -11,6 +11,7 @@ keys are pure functions of (seed, step), so a resumed run repeats what the inter
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import signal
 import statistics
 import time
 from dataclasses import asdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +41,23 @@ def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_out_dir_writable(out_dir: str | os.PathLike) -> None:
+    """Raise UserError unless out_dir exists as a writable folder or could be created; creates nothing."""
+    path = Path(out_dir).absolute()
+    base = _nearest_existing(path)
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        why = "is not a folder" if not base.is_dir() else "is not writable"
+        raise UserError(f"out_dir={str(out_dir)!r} is not writable ({base} {why}); choose another --config.out_dir")
+
+
 def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
-    """Create out_dir (on process 0) and check it is writable before any work starts."""
+    """Create out_dir (on process 0) and check it is writable; called once the first step has run."""
     path = Path(out_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -51,6 +68,49 @@ def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
         raise UserError(f"out_dir={str(path)!r} is not writable ({e.strerror}); choose another "
                         "--config.out_dir") from None
     return path
+
+
+# What a run leaves in out_dir besides checkpoints/: a folder holding any of them holds a run.
+RUN_FILES = (loggers.CSV_NAME, loggers.TB_DIR, "summary.json", "loss.png")
+
+
+def check_run_folder(config: ConfigDict) -> int | None:
+    """Decide, before anything is written, whether this run may use config.out_dir.
+
+    Returns the step to resume from (init_from=resume) or None (a new run into an empty or new
+    folder). Reads only: no folder or file is created.
+
+    Raises:
+        CheckpointError: init_from=resume and out_dir has no checkpoint.
+        UserError: a new run (init_from scratch or pretrained weights) into a folder that holds a
+            run (checkpoints or logs): its files would be mixed with or replaced by the new run's.
+        NothingToTrain: init_from=resume and the latest checkpoint is at or past train.max_iters.
+    """
+    out = Path(config.out_dir)
+    ckpt_dir = checkpoint_dir(out)
+    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
+    if config.init_from == "resume":
+        if not steps:
+            raise CheckpointError(f"init_from=resume: no checkpoint in {ckpt_dir}; train first or set "
+                                  "--config.init_from=scratch")
+        if steps[-1] >= config.train.max_iters:
+            raise NothingToTrain(out, steps[-1], config.train.max_iters)
+        return steps[-1]
+    held = [f"checkpoint step {steps[-1]}"] if steps else []
+    held += [name for name in RUN_FILES if (out / name).exists()]
+    if held:
+        raise UserError(
+            f"out_dir {str(out)!r} already holds a run ({', '.join(held)}); continue it with "
+            "--config.init_from=resume, or start a new run with a new --config.out_dir")
+    return None
+
+
+class NothingToTrain(Exception):
+    """init_from=resume found a checkpoint at or past max_iters: nothing to do, nothing to write."""
+
+    def __init__(self, out_dir: Path, step: int, max_iters: int):
+        super().__init__(f"nothing left to train: {out_dir} is at step {step} (train.max_iters={max_iters})")
+        self.out_dir, self.step, self.max_iters = out_dir, step, max_iters
 
 
 def optim_config(config: ConfigDict) -> OptimConfig:
@@ -65,14 +125,6 @@ def _runtime_overrides(config: ConfigDict) -> dict[str, Any]:
     m = config.model
     return {"dropout": m.dropout, "dtype": config_lib.resolve_dtype(m.dtype), "remat": m.remat,
             "attention": m.attention}
-
-
-def _require_checkpoint(out_dir: str | os.PathLike) -> None:
-    """Raise CheckpointError unless out_dir/checkpoints holds a step folder (checked before the
-    checkpointer, which would create the folder)."""
-    d = checkpoint_dir(out_dir)
-    if not (d.is_dir() and any(p.name.isdigit() for p in d.iterdir())):
-        raise CheckpointError(f"init_from=resume: no checkpoint in {d}; train first or set --config.init_from=scratch")
 
 
 def build_state(config: ConfigDict, mesh: jax.sharding.Mesh, ckpt: Checkpointer,
@@ -182,22 +234,64 @@ def estimate_loss(eval_fn, params, batches: dict[str, list]) -> dict[str, float]
 def train(config: ConfigDict) -> dict:
     """Run training as the config says; returns the summary also written to out_dir/summary.json.
 
-    Raises UserError (one line) for bad input: config, data, checkpoints, out_dir.
+    The run folder is never damaged: every check that can refuse the run happens before anything
+    is written, and nothing is written to out_dir until the first training step has run (so a
+    shape that does not fit in memory leaves no trace). A resume with nothing left to train
+    (latest checkpoint at or past max_iters) writes nothing and returns the run's summary.json.
+
+    Raises UserError (one line) for bad input: config, data, checkpoints, out_dir, a shape that
+    does not fit in device memory, a checkpoint save that failed.
     """
     distributed.initialize(config)  # before anything touches a device
-    run = _Run(config)
     try:
-        run.loop()
-    finally:
-        run.ckpt.close()  # waits for pending saves; raises if one failed
-        run.logger.close()
+        resume_step = check_run_folder(config)
+    except NothingToTrain as done:
+        return _nothing_to_train(done)
+    with _out_of_memory_is_a_user_error(config):
+        run = _Run(config, resume_step)
+        try:
+            run.loop()
+        finally:
+            run.close()  # waits for pending saves; raises if one failed
     return run.write_summary()
 
 
-class _Run:
-    """One training run's pieces, built from the config; `loop` runs it."""
+def _nothing_to_train(done: NothingToTrain) -> dict:
+    summary_path = done.out_dir / "summary.json"
+    logging.info("%s; its figures: %s, loss curve: %s; to train on, raise --config.train.max_iters", done,
+                 summary_path, done.out_dir / "loss.png")
+    try:
+        return json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return {"iterations": done.step}
 
-    def __init__(self, config: ConfigDict):
+
+@contextlib.contextmanager
+def _out_of_memory_is_a_user_error(config: ConfigDict) -> Iterator[None]:
+    """XLA's RESOURCE_EXHAUSTED (at compile time or at the first step) as a one-line UserError that
+    names the config keys that set memory and the estimator."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        first = " ".join(str(e).split("\n", 1)[0].split())[:200]
+        t, m = config.train, config.model
+        raise UserError(
+            f"out of device memory ({first}); lower train.batch_size={t.batch_size} (raise "
+            f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} to keep the tokens per step), "
+            f"model.block_size={m.block_size}, set model.remat=full, or shard with mesh.fsdp={config.mesh.fsdp}; "
+            "estimate first: python -m nanogpt_jax.memory --config <this config> (README, Scaling)") from None
+
+
+class _Run:
+    """One training run's pieces, built from the config; `loop` runs it.
+
+    Nothing is written until `open_outputs`, which the loop calls once the first step has run:
+    until then the logged rows wait in `pending_rows` and the checkpointer is read-only.
+    """
+
+    def __init__(self, config: ConfigDict, resume_step: int | None):
         self.t_start = time.time()
         self.config = c = config
         # every check of the input before anything is written to out_dir
@@ -205,10 +299,11 @@ class _Run:
         B, A = c.train.batch_size, c.train.gradient_accumulation_steps
         sharding.check_batch_size(B, sharding.batch_divisor(mesh))
         meta = data.load_meta(c.data.data_dir)
-        if c.init_from == "resume":
-            _require_checkpoint(c.out_dir)
-        self.out_dir = prepare_out_dir(c.out_dir)
-        self.ckpt = Checkpointer(checkpoint_dir(self.out_dir), keep=c.train.keep_checkpoints)
+        check_out_dir_writable(c.out_dir)
+        self.out_dir = Path(c.out_dir)
+        self.resume_step = resume_step
+        # read-only until the first step has run: restoring must not create or change anything
+        self.ckpt = Checkpointer(checkpoint_dir(self.out_dir), read_only=True)
         try:
             self.model, self.state, resumed = build_state(c, mesh, self.ckpt, meta)
             gcfg = self.model.config
@@ -235,9 +330,8 @@ class _Run:
         self.best_val = math.inf if best is None else best
         self.flops_per_token = gcfg.flops_per_token(T)
         self.peak = metrics.peak_flops(jax.devices()[0], gcfg.dtype, c.bench.peak_tflops)
-        self.logger = loggers.MetricLogger(self.out_dir, tensorboard=c.log.tensorboard, csv=c.log.csv,
-                                           wandb_project=c.log.wandb_project, config=c.to_dict(),
-                                           resume_step=self.start if resumed else None, total_steps=c.train.max_iters)
+        self.logger: loggers.MetricLogger | None = None  # opened by open_outputs
+        self.pending_rows: list[tuple[int, dict]] = []
         self.record = {"config": json.loads(c.to_json()), "model": asdict(gcfg),
                        "data_dir": str(Path(c.data.data_dir).resolve()), "tokenizer": dataset.meta.get("tokenizer")}
         self.step = self.start
@@ -246,8 +340,39 @@ class _Run:
         self.last: dict[str, float] = {}
         self.t_last = time.perf_counter()
 
+    def open_outputs(self) -> None:
+        """Create out_dir, its checkpointer and its logs: the run has shown it can step."""
+        c = self.config
+        if jax.process_index() == 0:
+            prepare_out_dir(self.out_dir)
+        self.ckpt.close()
+        self.ckpt = Checkpointer(checkpoint_dir(self.out_dir), keep=c.train.keep_checkpoints)
+        self.logger = loggers.MetricLogger(self.out_dir, tensorboard=c.log.tensorboard, csv=c.log.csv,
+                                           wandb_project=c.log.wandb_project, config=c.to_dict(),
+                                           resume_step=self.resume_step, total_steps=c.train.max_iters)
+        for step, row in self.pending_rows:
+            self.logger.log(step, row)
+        self.pending_rows.clear()
+
+    def log(self, step: int, row: dict) -> None:
+        if self.logger is None:
+            self.pending_rows.append((step, row))
+        else:
+            self.logger.log(step, row)
+
+    def close(self) -> None:
+        """Wait for pending saves (raising if one failed), then close the logs."""
+        try:
+            self.ckpt.close()
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+
     def save(self, val_loss: float | None) -> None:
-        """Checkpoint the current state (asynchronously; the checkpointer skips a step already saved)."""
+        """Checkpoint the current state (asynchronously). Not at the run's first step: that state is
+        the checkpoint resumed from, or the seed's / the pretrained weights, which need no copy."""
+        if self.step == self.start:
+            return
         best = None if math.isinf(self.best_val) else self.best_val
         self.ckpt.save(self.step, self.state, record={**self.record, "best_val_loss": best}, val_loss=val_loss)
 
@@ -257,7 +382,7 @@ class _Run:
         row = {"train/eval_loss": losses["train"], "val/loss": losses["val"]}
         if self.eval_tasks is not None:  # logged under the names run_eval.py reports (eval/<task>/<metric>)
             row.update(self.eval_tasks.metrics(self.state.params))
-        self.logger.log(self.step, row)
+        self.log(self.step, row)
         self.last.update(val_loss=losses["val"], train_eval_loss=losses["train"])
         improved = losses["val"] < self.best_val
         if improved:
@@ -282,7 +407,7 @@ class _Run:
         if m["skipped"] >= t.max_skipped:
             raise UserError(f"training stopped: {int(m['skipped'])} steps in a row up to step {step} had a "
                             f"non-finite loss or gradient norm (train.max_skipped={t.max_skipped}); no update was "
-                            f"applied, the last checkpoint (step {self.ckpt.latest_step()}) is untouched; lower "
+                            f"applied, the last checkpoint ({_latest(self.ckpt)}) is untouched; lower "
                             "optim.learning_rate or check the data")
         if step % t.log_interval == 0:
             tok_s = self.tokens_per_step / dt
@@ -291,7 +416,8 @@ class _Run:
             mfu = metrics.mfu(self.flops_per_token, tok_s, self.mesh.size, self.peak)
             if mfu is not None:
                 row["train/mfu"] = mfu
-            self.logger.log(step, row)  # and a console line
+            self.log(step, row)  # and a console line
+        self.ckpt.check()  # a background save that failed ends the run now, not at the next save
 
     def loop(self) -> None:
         max_iters, eval_interval = self.config.train.max_iters, self.config.train.eval_interval
@@ -306,15 +432,24 @@ class _Run:
                     break
                 _, x, y = next(prefetch)
                 self.state, step_metrics = self.train_fn(self.state, x, y)  # dispatched, not finished
+                if self.logger is None:  # the first step: it compiled and ran, so the run can write now
+                    jax.block_until_ready(step_metrics)
+                    self.open_outputs()
                 self.read_back(pending)
                 pending = (self.step, step_metrics)
                 self.step += 1
             self.read_back(pending)
-            if stop:
+            if stop and self.step > self.start:
                 self.stopped_by = stop.signal
                 self.save(None)
                 logging.info("saved step %d after %s; resume with --config.init_from=resume", self.step,
                              signal.Signals(stop.signal).name)
+            elif stop:
+                self.stopped_by = stop.signal
+                logging.info("stopped by %s before the first step; nothing was written",
+                             signal.Signals(stop.signal).name)
+            elif self.logger is None:  # no step to run (max_iters = the start step): the evaluation is the run
+                self.open_outputs()
 
     def write_summary(self) -> dict:
         """out_dir/summary.json: the run's figures in one place (process 0 writes it)."""
@@ -333,11 +468,16 @@ class _Run:
         }
         if ms:
             summary["mfu"] = metrics.mfu(self.flops_per_token, summary["tokens_per_sec"], self.mesh.size, self.peak)
-        if jax.process_index() == 0:
+        if jax.process_index() == 0 and self.logger is not None:  # None: stopped before anything was written
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             if self.config.log.csv and self.last.get("val_loss") is not None:
                 loggers.plot_loss(self.out_dir / "metrics.csv", self.out_dir / "loss.png")
         return summary
+
+
+def _latest(ckpt: Checkpointer) -> str:
+    step = ckpt.latest_step()
+    return "no checkpoint yet" if step is None else f"step {step}"
 
 
 def _peak_memory() -> int | None:
