@@ -131,13 +131,14 @@ def commit(out_dir: Path, tok: tokenizers.Tokenizer, splits: dict[str, dict], so
 # ---- reading text --------------------------------------------------------------------------------
 
 
-def resolve_inputs(patterns: Sequence[str]) -> list[Path]:
+def resolve_inputs(patterns: Sequence[str], flag: str = "--inputs") -> list[Path]:
     """Files named by paths, folders (every file below, hidden ones skipped) or globs, in the order given.
 
+    `flag` is the script's flag that gave the patterns, named in the errors.
     Raises DataError when nothing is given or a pattern matches no file.
     """
     if not any(str(p).strip() for p in patterns):
-        raise DataError("no input files given; pass --inputs FILE,FOLDER,'GLOB' (e.g. 'books/*.txt')")
+        raise DataError(f"no input files given; pass {flag} FILE,FOLDER,'GLOB' (e.g. 'books/*.txt')")
     files: dict[Path, None] = {}  # ordered set
     for pattern in (str(p).strip() for p in patterns if str(p).strip()):
         path = Path(pattern).expanduser()
@@ -149,7 +150,7 @@ def resolve_inputs(patterns: Sequence[str]) -> list[Path]:
         else:
             found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not found:
-            raise DataError(f"input {pattern!r} matches no file; check --inputs")
+            raise DataError(f"input {pattern!r} matches no file; check {flag}")
         files.update(dict.fromkeys(found))
     return list(files)
 

@@ -340,6 +340,7 @@ def test_scripts_write_the_default_folder_and_fail_in_one_line(tmp_path, shakesp
         ("text", ["--inputs", "nope/*.txt"], "input 'nope/*.txt' matches no file"),
         ("text", ["--tokenizer", "bpe"], "flag --tokenizer=bpe: value should be one of"),
         ("openwebtext", ["--dataset", "no-such-dataset"], "cannot load dataset 'no-such-dataset'"),
+        ("openwebtext", ["--files", "nope.parquet"], "input 'nope.parquet' matches no file; check --files"),
     ]:
         r = script(name, *args, cwd=tmp_path)
         assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith(f"error: {message}"), (name, r.stderr)
