@@ -169,7 +169,7 @@ def compile_train_step(config: ConfigDict, topology_name: str) -> Report:
     mesh = Mesh(mesh_utils.create_device_mesh(tuple(shape[a] for a in sharding.MESH_AXES), topo.devices),
                 sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     dtype = "bfloat16" if config.model.dtype == "auto" else config.model.dtype
-    gcfg = memory.model_config(config, dtype)
+    gcfg, _ = memory.model_config(config, dtype)
     model = GPT(gcfg)
     B, A, T = config.train.batch_size, config.train.gradient_accumulation_steps, gcfg.block_size
     sharding.check_batch_size(B, shape["data"] * shape["fsdp"])

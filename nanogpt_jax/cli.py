@@ -52,7 +52,10 @@ def _flag_error_message(e: BaseException) -> str:
     file_error = _config_file_error(text)
     if file_error:
         return file_error
-    unknown = re.search(r"Unknown command line flag '(\w+)", text)
+    unknown = re.search(r"Unknown command line flag '(\w+)([\w.]*)", text)
+    if unknown and unknown.group(1) == "config":  # --config.key=value is a flag only once --config is given
+        return (f"--config FILE is missing: --config{unknown.group(2)} overrides a config file's key; pass the "
+                "file first, e.g. --config configs/tiny.py (see configs/)")
     if unknown:
         return (f"unknown flag --{unknown.group(1)}; settings are config keys: --config.<section>.<key>=value, "
                 f"e.g. --config.train.max_iters=100 (see configs/default.py)")

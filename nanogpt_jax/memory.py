@@ -3,6 +3,12 @@
     python -m nanogpt_jax.memory --config configs/owt.py:gpt2-xl --config.mesh.data=1 --config.mesh.fsdp=8 \\
         --config.model.dtype=bfloat16 --devices=8 --hbm_gib=16
 
+The model is the one the run would train: the config's shape, its vocabulary as training picks it
+(model.vocab_size, else the data folder's meta.json, else GPT-2's when data.data_dir does not exist
+yet; the output says which), and model.dtype resolved as training resolves it on this machine's
+backend ("auto": float32 on a CPU, so pass --config.model.dtype=bfloat16 to size an accelerator run
+from a laptop). With --hbm_gib, a step that does NOT fit exits with status 1, like nanogpt_jax.aot.
+
 Per device, in bytes, with local rows b = batch_size / (data x fsdp), tokens n = b x block_size per
 micro-step, a compute dtype of c bytes and tensor-parallel size t:
 
@@ -43,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -52,8 +59,8 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import sharding
-from nanogpt_jax.errors import ConfigError
+from nanogpt_jax import data, sharding
+from nanogpt_jax.errors import ConfigError, UserError
 from nanogpt_jax.model import GPT, GPT2_SIZES, GPT2_VOCAB_SIZE, GPTConfig
 
 GiB = 1024**3
@@ -174,22 +181,44 @@ def mesh_shape_for(config: ConfigDict, n_devices: int) -> dict[str, int]:
     return sizes
 
 
-def model_config(config: ConfigDict, dtype: str) -> GPTConfig:
-    """The model the config trains, in compute dtype `dtype`: its own shape, or a GPT-2 size's for
-    init_from a GPT-2 name, or an HF folder's config.json."""
+def vocab_size_for(config: ConfigDict) -> tuple[int, str]:
+    """The vocabulary a scratch run of `config` trains with, and where it comes from.
+
+    As `train.build_state` picks it: model.vocab_size when set, else the data folder's (its meta.json,
+    GPT-2's 50,257 padded to 50,304 by `data.model_vocab_size`); when data.data_dir does not exist
+    (data not prepared yet, or sizing for another machine), GPT-2's padded vocabulary.
+    Raises DataError for a data folder whose meta cannot be read (`data.load_meta`).
+    """
+    if config.model.vocab_size:
+        return config.model.vocab_size, "model.vocab_size"
+    d = Path(config.data.data_dir)
+    if d.is_dir():
+        meta = data.load_meta(d)
+        name = next((str(d / f) for f in ("meta.json", "meta.pkl") if (d / f).is_file()), str(d))
+        return data.model_vocab_size(meta), f"{meta['tokenizer']} from {name}"
+    return (data.model_vocab_size(data.NANOGPT_GPT2_META),
+            f"GPT-2's {GPT2_VOCAB_SIZE:,} padded: no data folder {d}")
+
+
+def model_config(config: ConfigDict, dtype: str) -> tuple[GPTConfig, str]:
+    """The model the config trains, in compute dtype `dtype`: its own shape (vocabulary from
+    `vocab_size_for`), or a GPT-2 size's for init_from a GPT-2 name, or an HF folder's config.json;
+    and where its vocabulary comes from."""
     init = config.init_from
     if config_lib.is_pretrained_name(init):
         n_layer, n_head, n_embd = GPT2_SIZES[init]
         return config_lib.gpt_config(config, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dtype=dtype,
                                      vocab_size=config.model.vocab_size or GPT2_VOCAB_SIZE,
-                                     block_size=min(config.model.block_size, 1024))
+                                     block_size=min(config.model.block_size, 1024)), f"GPT-2 weights {init}"
     if init not in ("scratch", "resume"):
         from nanogpt_jax import convert
 
         m = config.model
         return convert.pretrained_config(init, dtype=dtype, block_size=m.block_size, scan_layers=m.scan_layers,
-                                         remat=m.remat, attention=m.attention, dropout=m.dropout)
-    return config_lib.gpt_config(config, dtype=dtype)
+                                         remat=m.remat, attention=m.attention, dropout=m.dropout), \
+            f"{init}/config.json"
+    vocab_size, source = vocab_size_for(config)
+    return config_lib.gpt_config(config, dtype=dtype, vocab_size=vocab_size), source
 
 
 def format_table(est: MemoryEstimate, hbm_bytes: int | None = None) -> str:
@@ -201,18 +230,36 @@ def format_table(est: MemoryEstimate, hbm_bytes: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def main(config: ConfigDict) -> MemoryEstimate:
-    """`python -m nanogpt_jax.memory`: print the estimate for the config's model, batch and mesh."""
-    n = flags.FLAGS.devices or jax.device_count()
+def report(config: ConfigDict, devices: int | None = None, hbm_gib: float | None = None) -> MemoryEstimate:
+    """Print the estimate for the config's model, batch and mesh on `devices` devices (default: this
+    machine's); with `hbm_gib`, whether it fits that much memory per device.
+
+    Raises:
+        UserError: it does not fit `hbm_gib` (after printing), so the CLI exits 1; ConfigError for a
+            bad mesh or batch; DataError for an unreadable data folder.
+    """
+    n = devices or jax.device_count()
     shape = mesh_shape_for(config, n)
-    dtype = "bfloat16" if config.model.dtype == "auto" else config.model.dtype  # auto: what accelerators use
-    gcfg = model_config(config, dtype)
+    dtype = config_lib.resolve_dtype(config.model.dtype)  # "auto" as training resolves it on this backend
+    gcfg, vocab_source = model_config(config, dtype)
     B, A = config.train.batch_size, config.train.gradient_accumulation_steps
     est = estimate(gcfg, batch_size=B, grad_accum=A, mesh_shape=shape)
-    print(f"{gcfg.n_layer} layers x {gcfg.n_embd} wide, {dtype}, remat={gcfg.remat}; {A} x {B} sequences x "
+    auto = f" (model.dtype=auto on {jax.default_backend()})" if config.model.dtype == "auto" else ""
+    print(f"{gcfg.n_layer} layers x {gcfg.n_embd} wide, {dtype}{auto}, remat={gcfg.remat}; {A} x {B} sequences x "
           f"{gcfg.block_size} tokens; {n} devices, mesh " + " ".join(f"{k}={v}" for k, v in shape.items()))
-    print(format_table(est, int(flags.FLAGS.hbm_gib * GiB) if flags.FLAGS.hbm_gib else None), flush=True)
+    print(f"vocabulary {gcfg.vocab_size:,} ({vocab_source})")
+    hbm_bytes = int(hbm_gib * GiB) if hbm_gib else None
+    print(format_table(est, hbm_bytes), flush=True)
+    if hbm_bytes and est.total > hbm_bytes:
+        raise UserError(f"the train step does not fit {hbm_gib:g} GiB per device ({est.total / GiB:.1f} GiB "
+                        "estimated); shard more (mesh.fsdp), lower train.batch_size (raise "
+                        "gradient_accumulation_steps) or set model.remat=full")
     return est
+
+
+def main(config: ConfigDict) -> MemoryEstimate:
+    """`python -m nanogpt_jax.memory`: `report` with the --devices and --hbm_gib flags."""
+    return report(config, flags.FLAGS.devices, flags.FLAGS.hbm_gib)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def load_documents(dataset: str = DEFAULT_DATASET, files: Sequence[str] = (), *,
     """
     datasets = _datasets()
     if files:
-        paths = prepare.resolve_inputs(files)
+        paths = prepare.resolve_inputs(files, flag="--files")
         kinds = {BUILDERS.get(p.suffix.lower()) for p in paths}
         if None in kinds or len(kinds) > 1:
             raise DataError(f"--files must all be one kind of {', '.join(BUILDERS)} file; got "

@@ -9,11 +9,14 @@ uint16 (uint32 when the vocabulary has more than 65,536 ids), as nanoGPT writes 
 the one record of how to read them: `tokenizer`, `vocab_size`, `dtype`, `eot_token`, the `splits`
 with their token counts and largest id, the `source`, and for a char vocabulary its `chars`.
 
-Text corpora are split as nanoGPT splits Shakespeare: the first `1 - val_fraction` of the characters
-is train, the rest val (a document on the boundary is cut in two). With GPT-2's BPE an end-of-text
-token follows every document (a file, or a line with `per_line`) except for Shakespeare, where
-nanoGPT has none. The corpus is streamed in pieces cut where GPT-2's pre-tokenizer cuts anyway, so
-memory stays flat and the tokens equal those of encoding each split whole.
+Text corpora are split at a document boundary: validation is the last whole documents, as many as
+it takes to hold `val_fraction` of the characters (the document that nanoGPT's character boundary
+falls in goes to val), and at least the first document stays in train. A corpus of one document is
+cut as nanoGPT cuts Shakespeare: the first `1 - val_fraction` of its characters is train, the rest
+val. With GPT-2's BPE an end-of-text token follows every document (a file, or a line with
+`per_line`), never the cut inside one, except for Shakespeare, where nanoGPT has none. The corpus
+is streamed in pieces cut where GPT-2's pre-tokenizer cuts anyway, so memory stays flat (8 bytes
+per document) and the tokens equal those of encoding each split whole.
 
 Nothing appears under a final name until it is complete: splits are written to hidden `.partial`
 files, renamed into place, and meta.json is written last. A failed run removes its partial files.
@@ -21,10 +24,12 @@ files, renamed into place, and meta.json is written last. A failed run removes i
 
 from __future__ import annotations
 
+import bisect
 import glob
 import json
 import os
 import re
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -131,13 +136,14 @@ def commit(out_dir: Path, tok: tokenizers.Tokenizer, splits: dict[str, dict], so
 # ---- reading text --------------------------------------------------------------------------------
 
 
-def resolve_inputs(patterns: Sequence[str]) -> list[Path]:
+def resolve_inputs(patterns: Sequence[str], flag: str = "--inputs") -> list[Path]:
     """Files named by paths, folders (every file below, hidden ones skipped) or globs, in the order given.
 
+    `flag` is the script's flag that gave the patterns, named in the errors.
     Raises DataError when nothing is given or a pattern matches no file.
     """
     if not any(str(p).strip() for p in patterns):
-        raise DataError("no input files given; pass --inputs FILE,FOLDER,'GLOB' (e.g. 'books/*.txt')")
+        raise DataError(f"no input files given; pass {flag} FILE,FOLDER,'GLOB' (e.g. 'books/*.txt')")
     files: dict[Path, None] = {}  # ordered set
     for pattern in (str(p).strip() for p in patterns if str(p).strip()):
         path = Path(pattern).expanduser()
@@ -149,7 +155,7 @@ def resolve_inputs(patterns: Sequence[str]) -> list[Path]:
         else:
             found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not found:
-            raise DataError(f"input {pattern!r} matches no file; check --inputs")
+            raise DataError(f"input {pattern!r} matches no file; check {flag}")
         files.update(dict.fromkeys(found))
     return list(files)
 
@@ -193,15 +199,39 @@ def documents(files: Sequence[Path], per_line: bool) -> Iterator[str | None]:
                 yield None
 
 
-def count_chars(files: Sequence[Path], per_line: bool, want_chars: bool) -> tuple[int, list[str]]:
-    """Characters in the documents, and (if asked) their sorted set: the first pass over the corpus."""
-    total, seen = 0, set()
+def count_chars(files: Sequence[Path], per_line: bool, want_chars: bool) -> tuple[int, list[str], array]:
+    """The first pass over the corpus: its characters, (if asked) their sorted set, and where each
+    document starts (a character offset; 8 bytes per document)."""
+    total, seen, starts, new_doc = 0, set(), array("q"), True
     for text in documents(files, per_line):
-        if text:
+        if text is None:
+            new_doc = True
+        elif text:
+            if new_doc:
+                starts.append(total)
+                new_doc = False
             total += len(text)
             if want_chars:
                 seen.update(chr(c) for c in np.unique(np.frombuffer(text.encode("utf-32-le"), np.uint32)))
-    return total, sorted(seen)
+    return total, sorted(seen), starts
+
+
+def split_point(doc_starts: Sequence[int], total: int, val_fraction: float) -> int:
+    """The character offset where val begins: a document's start, or inside the only document.
+
+    nanoGPT's boundary is `int(total * (1 - val_fraction))` characters (its `data[:int(n * 0.9)]`).
+    With several documents, val begins at the last document that starts at or before it, so val
+    holds whole documents and at least `val_fraction` of the characters; the first document always
+    stays in train. With one document (or none) the boundary cuts it.
+
+    Args:
+      doc_starts: ascending character offsets of the documents, the first 0 (`count_chars`).
+      total: the corpus's characters. val_fraction: in (0, 1).
+    """
+    at = int(total * (1 - val_fraction))
+    if len(doc_starts) < 2:
+        return at
+    return doc_starts[max(1, bisect.bisect_right(doc_starts, at) - 1)]
 
 
 def gpt2_safe_cut(text: str) -> int:
@@ -219,9 +249,9 @@ def split_pieces(docs: Iterable[str | None], split_at: int, eot: bool,
                  cut: Callable[[str], int]) -> Iterator[tuple[str, str | None]]:
     """(split, text) in corpus order, text at most ~PIECE_CHARS long; text None is an end-of-text token.
 
-    The first `split_at` characters go to "train", the rest to "val"; a document cut by the boundary
-    ends with an end-of-text token in train as well (when `eot`). `cut(text)` gives where a long text
-    may be cut (0: nowhere yet).
+    The first `split_at` characters go to "train", the rest to "val" (`split_point`). With `eot` an
+    end-of-text token ends each document, and only its end: a document that the boundary cuts gets
+    none in train. `cut(text)` gives where a long text may be cut (0: nowhere yet).
     """
     pos, split, buf, doc_chars = 0, "train", "", 0
     for text in docs:
@@ -233,14 +263,12 @@ def split_pieces(docs: Iterable[str | None], split_at: int, eot: bool,
                 yield split, None
             doc_chars = 0
             continue
-        if split == "train" and pos + len(text) > split_at:  # the train/val boundary: a hard cut
+        if split == "train" and pos + len(text) > split_at:  # the train/val boundary
             k = split_at - pos
             buf, pos, doc_chars, text = buf + text[:k], split_at, doc_chars + k, text[k:]
             if buf:
                 yield "train", buf
-            if eot and doc_chars:
-                yield "train", None
-            split, buf, doc_chars = "val", "", 0
+            split, buf = "val", ""
         buf, pos, doc_chars = buf + text, pos + len(text), doc_chars + len(text)
         while len(buf) >= PIECE_CHARS and (j := cut(buf[:PIECE_CHARS]) or cut(buf)):
             yield split, buf[:j]  # at most PIECE_CHARS, unless the text offers no cut that early
@@ -258,7 +286,8 @@ def prepare_text(files: Sequence[Path], out_dir: str | os.PathLike, *, tokenizer
       files: UTF-8 text files, in corpus order.
       tokenizer: "gpt2" (tiktoken's GPT-2 BPE, `encode_ordinary`) or "char" (the sorted set of the
         corpus's characters, nanoGPT's shakespeare_char vocabulary).
-      val_fraction: the last fraction of the characters that is validation, in (0, 1).
+      val_fraction: the last fraction of the characters that is validation, in (0, 1): whole
+        documents when there are several (see `split_point`).
       per_line: each non-empty line is a document (else each file).
       eot: with gpt2, an end-of-text token (50256) after each document.
       num_threads: tiktoken threads (0: every core).
@@ -272,12 +301,12 @@ def prepare_text(files: Sequence[Path], out_dir: str | os.PathLike, *, tokenizer
     out = check_out_dir(out_dir)
     files = [Path(f) for f in files]
     source = source or ",".join(map(str, files))
-    total, chars = count_chars(files, per_line, want_chars=tokenizer == "char")
+    total, chars, doc_starts = count_chars(files, per_line, want_chars=tokenizer == "char")
     if total == 0:
         raise DataError(f"the input has no text ({len(files)} file(s), 0 characters); check --inputs")
     tok = tokenizers.gpt2() if tokenizer == "gpt2" else tokenizers.CharTokenizer(chars)
     dtype = tok.meta()["dtype"]
-    split_at = int(total * (1 - val_fraction))  # nanoGPT: data[:int(n * 0.9)]
+    split_at = split_point(doc_starts, total, val_fraction)
     cut = gpt2_safe_cut if tokenizer == "gpt2" else len
     threads = num_threads or os.cpu_count() or 1
     logging.info("tokenizing %d file(s), %s characters, with %s", len(files), f"{total:,}", tok.name)

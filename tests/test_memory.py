@@ -86,6 +86,49 @@ def test_bad_batch_and_mesh():
         memory.mesh_shape_for(c, 8)
 
 
+def test_vocabulary_from_the_data_and_dtype_as_training_resolves_it(tmp_path, capsys):
+    """The data folder's meta.json sets the vocabulary (no folder: GPT-2's, said so); "auto" is float32 on the
+    CPU, as training resolves it."""
+    import json
+
+    from configs import tiny
+
+    c = tiny.get_config()
+    c.model.dtype = "auto"
+    c.data.data_dir = str(tmp_path / "char")
+    (tmp_path / "char").mkdir()
+    (tmp_path / "char" / "meta.json").write_text(json.dumps({"tokenizer": "char", "vocab_size": 65, "dtype": "uint16"}))
+    char = memory.report(c, devices=1)
+    out = capsys.readouterr().out
+    assert f"vocabulary 65 (char from {tmp_path / 'char' / 'meta.json'})" in out
+    assert "float32 (model.dtype=auto on cpu)" in out
+    c.data.data_dir = str(tmp_path / "not_prepared")
+    gpt2 = memory.report(c, devices=1)
+    assert f"vocabulary 50,304 (GPT-2's 50,257 padded: no data folder {tmp_path / 'not_prepared'})" in \
+        capsys.readouterr().out
+    assert (char.logits, gpt2.logits) == (8 * 32 * 65 * 4, 8 * 32 * 50304 * 4)  # float32 logits of 8 x 32 tokens
+    assert char.params < gpt2.params and char.activations == gpt2.activations
+
+
+@pytest.mark.parametrize("hbm_gib,returncode", [("16", 0), ("0.01", 1)])
+def test_cli_exits_1_when_it_does_not_fit(hbm_gib, returncode, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "nanogpt_jax.memory", "--config", str(ROOT / "configs/tiny.py"), "--devices=1",
+         f"--hbm_gib={hbm_gib}", f"--config.data.data_dir={tmp_path / 'none'}"],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"), capture_output=True,
+        text=True, timeout=120)
+    assert done.returncode == returncode, done.stderr[-2000:]
+    assert ("fits: 0% of 16 GiB" if returncode == 0 else "does NOT fit:") in done.stdout
+    if returncode:
+        assert done.stderr.splitlines() == [
+            "error: the train step does not fit 0.01 GiB per device (0.1 GiB estimated); shard more (mesh.fsdp), "
+            "lower train.batch_size (raise gradient_accumulation_steps) or set model.remat=full"]
+
+
 @pytest.mark.slow
 def test_cli_prints_the_table():
     import os
@@ -94,7 +137,7 @@ def test_cli_prints_the_table():
 
     done = subprocess.run(
         [sys.executable, "-m", "nanogpt_jax.memory", "--config", str(ROOT / "configs/owt.py:gpt2-xl"),
-         "--config.mesh.data=1", "--config.mesh.fsdp=8", "--devices=8", "--hbm_gib=16",
+         "--config.mesh.data=1", "--config.mesh.fsdp=8", "--devices=8", "--hbm_gib=16", "--config.model.dtype=bfloat16",
          "--config.train.batch_size=32", "--config.train.gradient_accumulation_steps=1", "--config.model.remat=full"],
         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"), capture_output=True, text=True,
         timeout=300)

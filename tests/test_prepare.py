@@ -92,18 +92,13 @@ def write_docs(folder: Path, docs: list[str]) -> list[Path]:
 
 
 def expected_text_split(docs: list[str], val_fraction: float = 0.1) -> tuple[list[int], list[int]]:
-    """The documented rule: the first (1 - val_fraction) of the characters is train; EOT ends each document
-    and each part of the document cut by the boundary."""
+    """The documented rule for several documents: val is the last whole documents, from the one that
+    nanoGPT's character boundary int(n * (1 - val_fraction)) falls in (never the first); EOT ends each."""
     enc = tokenizer.gpt2()
     at = int(sum(map(len, docs)) * (1 - val_fraction))
-    train, val, pos = [], [], 0
-    for doc in docs:
-        head, tail = doc[: max(0, at - pos)], doc[max(0, at - pos):]
-        if head:
-            train += enc.encode(head) + [EOT]
-        if tail:
-            val += enc.encode(tail) + [EOT]
-        pos += len(doc)
+    first_val = max(1, max(i for i in range(len(docs)) if sum(map(len, docs[:i])) <= at))
+    train = [t for doc in docs[:first_val] for t in enc.encode(doc) + [EOT]]
+    val = [t for doc in docs[first_val:] for t in enc.encode(doc) + [EOT]]
     return train, val
 
 
@@ -117,7 +112,7 @@ def test_text_documents_streamed_in_pieces(tmp_path, monkeypatch):
     meta = prepare.text([str(tmp_path / "in" / "*.txt")], tmp_path / "out", num_threads=2)
     train, val = expected_text_split(docs)
     assert ids(tmp_path / "out" / "train.bin") == train and ids(tmp_path / "out" / "val.bin") == val
-    assert train.count(EOT) + val.count(EOT) == len(docs) + 1  # one per document, and the cut one twice
+    assert train.count(EOT) + val.count(EOT) == len(docs)  # one per document
     assert meta["splits"]["train"] == {"tokens": len(train), "max_id": EOT}
     assert listing(tmp_path / "out") == ["meta.json", "train.bin", "val.bin"]
 
@@ -127,8 +122,27 @@ def test_text_literal_endoftext_is_ordinary_text(tmp_path):
     (tmp_path / "docs.txt").write_text("\n".join(docs) + "\n\n")
     prepare.text([str(tmp_path / "docs.txt")], tmp_path / "out", per_line=True, val_fraction=0.25)
     tokens = ids(tmp_path / "out" / "train.bin") + ids(tmp_path / "out" / "val.bin")
-    assert tokens.count(EOT) == len(docs) + 1  # exactly one per line, plus the line cut by the split
+    assert tokens.count(EOT) == len(docs)  # exactly one per line
     assert tokenizer.gpt2().decode([t for t in tokens if t != EOT]) == "".join(docs)  # the literal text is kept
+
+
+def test_text_splits_at_document_boundaries(tmp_path):
+    """Several documents: val takes the last whole ones, each with one EOT (a literal "<|endoftext|>" is
+    text); one document: cut at the fraction as nanoGPT cuts Shakespeare, with no EOT at the cut."""
+    enc = tokenizer.gpt2()
+    docs = ["hello <|endoftext|> world", "second doc"]
+    prepare.text([str(p) for p in write_docs(tmp_path / "two", docs)], tmp_path / "out2")
+    train, val = ids(tmp_path / "out2" / "train.bin"), ids(tmp_path / "out2" / "val.bin")
+    assert train == enc.encode(docs[0]) + [EOT] and val == enc.encode(docs[1]) + [EOT]
+    assert (train + val).count(EOT) == 2
+    one = "To be, or not to be: that is the question. " * 20
+    (tmp_path / "one.txt").write_text(one)
+    prepare.text([str(tmp_path / "one.txt")], tmp_path / "out1", val_fraction=0.25)
+    at = int(len(one) * 0.75)
+    assert ids(tmp_path / "out1" / "train.bin") == enc.encode(one[:at])  # no EOT where the document is cut
+    assert ids(tmp_path / "out1" / "val.bin") == enc.encode(one[at:]) + [EOT]
+    assert [prepare.split_point(starts, 100, 0.1) for starts in ([0], [0, 95], [0, 30, 60, 91], [0, 30, 60, 90])] \
+        == [90, 95, 60, 90]
 
 
 def test_text_char_vocab_from_a_folder_and_uint32(tmp_path):
@@ -340,6 +354,7 @@ def test_scripts_write_the_default_folder_and_fail_in_one_line(tmp_path, shakesp
         ("text", ["--inputs", "nope/*.txt"], "input 'nope/*.txt' matches no file"),
         ("text", ["--tokenizer", "bpe"], "flag --tokenizer=bpe: value should be one of"),
         ("openwebtext", ["--dataset", "no-such-dataset"], "cannot load dataset 'no-such-dataset'"),
+        ("openwebtext", ["--files", "nope.parquet"], "input 'nope.parquet' matches no file; check --files"),
     ]:
         r = script(name, *args, cwd=tmp_path)
         assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith(f"error: {message}"), (name, r.stderr)

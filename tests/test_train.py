@@ -234,6 +234,7 @@ def test_cli_resume_without_a_checkpoint_is_one_line_and_writes_nothing(token_da
     (["--config", "configs/nope.py"], r"no config file 'configs/nope.py'"),
     (["--config", "configs/shakespeare_char.py:gpu"], r"^error: configs/shakespeare_char.py: unknown variant 'gpu'"),
     (["--config", "configs/tiny.py", "--max_iters=5"], r"unknown flag --max_iters; .*--config.train.max_iters="),
+    (["--config.train.max_iters=5"], r"^error: --config FILE is missing: --config.train.max_iters overrides"),
     (["--config", "configs/tiny.py", "--config.train.batch_size=abc"], r"'abc'$"),
 ])
 def test_cli_config_file_and_flag_errors_are_one_line(args, message, tmp_path):
