@@ -5,9 +5,12 @@ Metric names, the same in every backend (TensorBoard tags, CSV columns, W&B keys
     train/loss            mean loss over every token of the optimizer step (nats)
     train/lr              learning rate used by the step
     train/grad_norm       global gradient norm, before clipping
-    train/ms_per_step     wall milliseconds per optimizer step, over the last log interval
+    train/ms_per_step     wall milliseconds per optimizer step, over the last log interval (never the
+                          first step after a start or resume, which includes compilation)
+    train/compile_seconds wall seconds of that first step: compilation plus one step, logged once per start
     train/tokens_per_sec  tokens per second, all devices together
-    train/mfu             model FLOPs utilisation, a fraction (the console prints %); see metrics.py
+    train/mfu             model FLOPs utilisation, a fraction (the console prints %, and above 100%
+                          "mfu >100% (peak too low?)"; the files keep the raw fraction); see metrics.py
     train/tokens          tokens trained on so far
     train/skipped         non-finite steps skipped so far (their updates were not applied)
     train/eval_loss       mean loss on eval_iters fixed train batches, at each evaluation
@@ -34,12 +37,16 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 from absl import logging
 
 from nanogpt_jax.errors import DataError
+from nanogpt_jax.metrics import format_mfu
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CSV_NAME = "metrics.csv"
 TB_DIR = "tb"
@@ -72,7 +79,8 @@ _CONSOLE = (
     ("train/grad_norm", lambda v: f"grad {v:.2f}"),
     ("train/ms_per_step", lambda v: f"{v:.1f} ms"),
     ("train/tokens_per_sec", lambda v: f"{_si(v)} tok/s"),
-    ("train/mfu", lambda v: f"mfu {100 * v:.1f}%"),
+    ("train/mfu", lambda v: f"mfu {format_mfu(v)}"),
+    ("train/compile_seconds", lambda v: f"compile {v:.1f}s"),
     ("train/skipped", lambda v: f"skipped {v:.0f}" if v else ""),
 )
 
@@ -339,9 +347,10 @@ def read_metrics(csv_path: str | os.PathLike) -> dict[str, list[float | None]]:
     return {c: [float(r[c]) if r.get(c) not in (None, "") else None for r in rows] for c in columns}
 
 
-def plot_loss(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Path:
-    """Draw train and val loss against step from a metrics.csv into a PNG (matplotlib, no display
-    needed). Returns the PNG path. Raises DataError when the CSV is missing or has no loss."""
+def loss_figure(csv_path: str | os.PathLike) -> Figure:
+    """Train and val loss against step from a metrics.csv, as a matplotlib Figure (Agg, no display
+    needed). A curve of fewer than two points gets markers (a line through one point is invisible).
+    Raises DataError when the CSV is missing or has no loss."""
     from matplotlib.figure import Figure  # no pyplot: renders with Agg, no display, no global state
 
     columns = read_metrics(csv_path)
@@ -355,6 +364,8 @@ def plot_loss(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Path:
     drawn = 0
     for name, label, style in curves:
         points = [(s, v) for s, v in zip(columns["step"], columns.get(name, []), strict=False) if v is not None]
+        if len(points) < 2:
+            style = {"marker": "o", "ms": 4, **style}
         if points:
             ax.plot(*zip(*points, strict=True), label=label, **style)
             drawn += 1
@@ -363,6 +374,13 @@ def plot_loss(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Path:
     ax.set(xlabel="step", ylabel="loss (nats)", title="train / val loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    return fig
+
+
+def plot_loss(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Path:
+    """Draw `loss_figure(csv_path)` into a PNG. Returns the PNG path. Raises DataError when the CSV is
+    missing or has no loss (then no PNG is written)."""
+    fig = loss_figure(csv_path)
     png = Path(png_path)
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)

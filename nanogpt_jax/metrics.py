@@ -10,21 +10,39 @@ comes from `mfu()` with a peak from `device_peak()`, so they agree and name thei
 bfloat16/float16 on tensor cores / the MXU with float32 accumulation; float32 as JAX runs it, which
 by default is TF32 on NVIDIA Ampere and later and one bfloat16 pass on TPU ("Matmul precision",
 docs.jax.dev/en/latest/201/precision.html). An unknown chip or mode gives None: MFU is then
-reported as unknown, never as a wrong number. On a CPU there is no datasheet, so the peak is
-measured on the spot by a short matmul probe.
+reported as unknown, never as a wrong number.
+
+On a CPU there is no datasheet: the peak is measured by a short matmul probe once per machine and
+dtype, then cached in `cpu_peak.json` under `cache_dir()` ($NANOGPT_CACHE_DIR, else
+$XDG_CACHE_HOME/nanogpt_jax, else ~/.cache/nanogpt_jax), keyed by the CPU model, the cores this
+process may use, the jax version and the dtype. So two runs on one machine divide by the same peak
+and their MFU ratio equals their tokens/s ratio; the Peak's source names the file and when the
+probe ran. Delete the file to measure again; `bench.peak_tflops` overrides any peak.
+
+An MFU above 100% means the peak is too low (e.g. a probe on a busy machine). The console shows it
+as "mfu >100% (peak too low?)" (`format_mfu`) and warns once; the files (CSV, TensorBoard,
+summary.json, bench JSON) keep the raw fraction, so a reader can see what was computed.
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
+import json
 import math
+import os
+import platform
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from absl import logging
+
+from nanogpt_jax import download
+from nanogpt_jax.errors import DataError
 
 # The name printed beside every MFU figure, so a reader knows which convention produced it.
 FLOPS_FORMULA = "6N + 12·L·d·T per token (nanoGPT/PaLM; N without position embeddings), full attention"
@@ -129,7 +147,59 @@ def peak_for_kind(device_kind: str, dtype: str, platform: str | None = None) -> 
     return Peak(None, f"unknown device {device_kind!r}: set bench.peak_tflops for MFU")
 
 
-@functools.cache
+CACHE_ENV = "NANOGPT_CACHE_DIR"  # where figures measured once per machine are kept (tests point it elsewhere)
+CPU_PEAK_FILE = "cpu_peak.json"
+_PROBE_VERSION = 1  # part of the cache key: a changed probe measures again
+
+
+def cache_dir() -> Path:
+    """This user's cache folder for figures measured once per machine: $NANOGPT_CACHE_DIR, else
+    $XDG_CACHE_HOME/nanogpt_jax, else ~/.cache/nanogpt_jax (the XDG base directory convention)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "nanogpt_jax"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name: /proc/cpuinfo's "model name" on Linux, else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _machine_key(dtype: str) -> str:
+    """What the probe's result depends on: the CPU, the cores this process may run on (taskset and
+    container limits included), the jax version (XLA's CPU matmuls), the dtype and the probe."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{_cpu_model()} | {cores} cores | jax {jax.__version__} | {dtype} | probe v{_PROBE_VERSION}"
+
+
+def _read_cpu_peaks(path: Path) -> dict[str, dict]:
+    """The cache file's entries; {} when it is missing, and (with a warning) when it is unreadable."""
+    try:
+        entries = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        logging.warning("CPU peak cache %s is unreadable (%s): measuring again", path, e)
+        return {}
+    if not isinstance(entries, dict):
+        logging.warning("CPU peak cache %s holds no entries: measuring again", path)
+        return {}
+    return entries
+
+
+def _valid(entry: object) -> bool:
+    flops = entry.get("flops") if isinstance(entry, dict) else None
+    return (isinstance(flops, (int, float)) and math.isfinite(flops) and flops > 0
+            and isinstance(entry.get("measured"), str))
+
+
 def _cpu_probe(dtype: str, device: jax.Device) -> float:
     """Best FLOP/s of a jitted square matmul on `device`, sized to take ~0.15 s, over up to 6 runs
     within about a second (other work on the same cores only ever slows a matmul down)."""
@@ -156,25 +226,46 @@ def _cpu_probe(dtype: str, device: jax.Device) -> float:
     return flops
 
 
-def cpu_peak_flops(dtype: str = "float32", device: jax.Device | None = None) -> float:
-    """Measured matmul FLOP/s of this host's CPU in `dtype`, split over its JAX CPU devices (with
-    --xla_force_host_platform_device_count=8 the 8 fake devices share one CPU, so n_devices x
-    this = the host's figure). Runs once per process and dtype (about a second), then cached."""
-    cpus = jax.local_devices(backend="cpu")
-    return _cpu_probe(jnp.dtype(dtype).name, device or cpus[0]) / len(cpus)
+@functools.cache
+def _cpu_host_peak(dtype: str) -> tuple[float, str]:
+    """(FLOP/s of this host's CPU in `dtype`, its source): the cached probe when cpu_peak.json holds
+    this machine's entry, else a new probe (about a second), stored there for the next run. A cache
+    folder that cannot be written is warned about; the measured figure is used all the same."""
+    path = cache_dir() / CPU_PEAK_FILE
+    key = _machine_key(dtype)
+    entries = _read_cpu_peaks(path)
+    entry = entries.get(key)
+    if not _valid(entry):
+        flops = _cpu_probe(dtype, jax.local_devices(backend="cpu")[0])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        entry = entries[key] = {"flops": flops, "measured": now.strftime("%Y-%m-%d %H:%M UTC")}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            download.write_text_atomic(path, json.dumps(entries, indent=2, sort_keys=True) + "\n")
+        except (OSError, DataError) as e:
+            logging.warning("cannot cache the CPU peak in %s (%s): the next run measures again", path, e)
+            return flops, f"CPU matmul probe, {dtype}, measured {entry['measured']}, not cached"
+    return entry["flops"], f"CPU matmul probe, {dtype}, measured {entry['measured']}, cached in {path}"
+
+
+def cpu_peak(dtype: str = "float32") -> Peak:
+    """Matmul FLOP/s of this host's CPU in `dtype` (cached per machine, see the module docstring),
+    split over its JAX CPU devices (with --xla_force_host_platform_device_count=8 the 8 fake
+    devices share one CPU, so n_devices x this = the host's figure)."""
+    flops, source = _cpu_host_peak(jnp.dtype(dtype).name)
+    return Peak(flops / len(jax.local_devices(backend="cpu")), source)
 
 
 def device_peak(device: jax.Device, dtype: str, override_tflops: float | None = None) -> Peak:
     """Peak FLOP/s of one `device` for compute dtype `dtype`, with its source.
 
-    `override_tflops` (bench.peak_tflops) wins; a CPU is measured (`cpu_peak_flops`); accelerators
-    come from PEAK_TFLOPS by `device.device_kind`. flops is None when unknown.
+    `override_tflops` (bench.peak_tflops) wins; a CPU is measured once per machine (`cpu_peak`);
+    accelerators come from PEAK_TFLOPS by `device.device_kind`. flops is None when unknown.
     """
     if override_tflops:
         return Peak(float(override_tflops) * 1e12, "given (bench.peak_tflops)")
     if device.platform == "cpu":
-        dtype = jnp.dtype(dtype).name
-        return Peak(cpu_peak_flops(dtype), f"CPU matmul probe, {dtype}")
+        return cpu_peak(dtype)
     return peak_for_kind(device.device_kind, dtype, device.platform)
 
 
@@ -190,6 +281,22 @@ def peak_flops(device: jax.Device, dtype: str, override_tflops: float | None = N
 @functools.cache
 def _warn_once(reason: str) -> None:
     logging.warning("MFU unknown: %s", reason)
+
+
+def format_mfu(fraction: float) -> str:
+    """An MFU fraction as the console shows it: '51.2%', or '>100% (peak too low?)' above 1, which
+    only a peak set too low can give (warned once per process: the raw figure stays in the files)."""
+    if fraction <= 1:
+        return f"{100 * fraction:.1f}%"
+    _warn_above_100()
+    return ">100% (peak too low?)"
+
+
+@functools.cache
+def _warn_above_100() -> None:
+    logging.warning("MFU above 100%% is impossible: the peak FLOP/s it divides by is too low (on a CPU, a "
+                    "probe on a busy machine: delete %s to measure again), or set bench.peak_tflops; the "
+                    "files keep the raw figure", cache_dir() / CPU_PEAK_FILE)
 
 
 def peak_bytes_in_use(device: jax.Device) -> int | None:

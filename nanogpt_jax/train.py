@@ -410,13 +410,15 @@ class _Run:
                             f"applied, the last checkpoint ({_latest(self.ckpt)}) is untouched; lower "
                             "optim.learning_rate or check the data")
         if step % t.log_interval == 0:
-            tok_s = self.tokens_per_step / dt
             row = {"train/loss": m["loss"], "train/lr": m["lr"], "train/grad_norm": m["grad_norm"],
-                   "train/ms_per_step": dt * 1e3, "train/tokens_per_sec": tok_s, "train/skipped": m["n_skipped"]}
-            mfu = metrics.mfu(self.flops_per_token, tok_s, self.mesh.size, self.peak)
-            if mfu is not None:
-                row["train/mfu"] = mfu
-            self.log(step, row)  # and a console line
+                   "train/skipped": m["n_skipped"]}
+            if step == self.start:  # compilation, not a step time: no speed, MFU or eta from it
+                row["train/compile_seconds"] = dt
+            else:
+                tok_s = self.tokens_per_step / dt
+                row.update({"train/ms_per_step": dt * 1e3, "train/tokens_per_sec": tok_s,
+                            "train/mfu": metrics.mfu(self.flops_per_token, tok_s, self.mesh.size, self.peak)})
+            self.log(step, row)  # and a console line (None values are left out)
         self.ckpt.check()  # a background save that failed ends the run now, not at the next save
 
     def loop(self) -> None:

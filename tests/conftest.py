@@ -32,6 +32,17 @@ from nanogpt_jax.model import GPT, GPTConfig, init_params  # noqa: E402
 assert jax.device_count() == 8, "tests expect 8 fake CPU devices; was jax imported before conftest?"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache_dir(tmp_path_factory) -> Path:
+    """Figures cached once per machine (metrics' CPU peak) go to a session folder, never to ~/.cache;
+    subprocesses (CLI tests) inherit it."""
+    from nanogpt_jax import metrics
+
+    folder = tmp_path_factory.mktemp("user_cache")
+    os.environ[metrics.CACHE_ENV] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_config() -> GPTConfig:
     """2 layers, 2 heads, width 32, block 16, an odd vocabulary of 97 (catches vocab mix-ups)."""

@@ -54,6 +54,25 @@ def test_format_line():
     assert format_line(5, {"val/loss": 1.5, "train/mfu": None, "train/skipped": 2}) == "step 5 | val 1.5000 | skipped 2"
 
 
+def test_first_step_shows_its_compile_time_and_no_eta():
+    # train.py logs the first step after a start or resume with compile_seconds instead of a step time
+    first = {"train/loss": 4.2, "train/compile_seconds": 12.34}
+    assert format_line(0, first, total_steps=2000) == "step 0/2000 | loss 4.2000 | compile 12.3s"
+
+
+def test_mfu_above_100_percent_on_the_console_raw_in_the_files(tmp_path, caplog):
+    from nanogpt_jax import metrics
+
+    metrics._warn_above_100.cache_clear()
+    with caplog.at_level(logging.INFO), MetricLogger(tmp_path, tensorboard=False, total_steps=100) as logger:
+        logger.log(10, {"train/loss": 2.0, "train/mfu": 1.37})
+        logger.log(20, {"train/loss": 1.9, "train/mfu": 1.41})
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert lines[-1] == "step 20/100 | loss 1.9000 | mfu >100% (peak too low?)"
+    assert len(_warnings(caplog)) == 1 and "above 100%" in _warnings(caplog)[0]  # warned once
+    assert [r["train/mfu"] for r in _csv_rows(tmp_path)[1]] == ["1.37", "1.41"]  # the raw figure
+
+
 def test_tensorboard_events_and_config_read_back(tmp_path):
     with MetricLogger(tmp_path, config={"model": {"n_layer": 2}, "optim": {"lr": 1e-3}}) as logger:
         for step in (0, 10, 20):
@@ -208,3 +227,17 @@ def test_plot_loss_writes_a_png(tmp_path):
     with pytest.raises(DataError, match="no train/loss or val/loss"):
         plot_loss(tmp_path / "other" / "metrics.csv", tmp_path / "y.png")
     assert not (tmp_path / "y.png").exists()
+
+
+def test_plot_loss_marks_a_curve_of_one_point(tmp_path):
+    with MetricLogger(tmp_path, tensorboard=False, console=False) as logger:
+        logger.log(0, {"val/loss": 4.1})
+        logger.log(0, _train(0))  # one train point: a line alone would draw nothing
+        logger.log(10, {"val/loss": 3.9})
+    fig = loggers.loss_figure(tmp_path / "metrics.csv")
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert list(lines["train"].get_xdata()) == [0]
+    assert lines["train"].get_marker() not in (None, "None", "", " ")
+    assert lines["val"].get_marker() == "o"  # unchanged for longer curves
+    png = plot_loss(tmp_path / "metrics.csv", tmp_path / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

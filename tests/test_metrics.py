@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from types import SimpleNamespace
 
@@ -98,11 +100,76 @@ def test_peak_flops_of_accelerators_by_device_kind_and_override():
 
 def test_cpu_probe_is_positive_finite_and_cached():
     cpu = jax.devices("cpu")[0]
-    flops = metrics.peak_flops(cpu, "float32")
+    flops = metrics.peak_flops(cpu, "float32")  # the real probe, cached in conftest's session folder
     assert flops is not None and math.isfinite(flops) and flops > 0
-    assert metrics.peak_flops(cpu, "float32") == flops  # measured once per process
-    # the host's figure is split over its 8 fake devices: 8 x per-device = the host
-    assert metrics.cpu_peak_flops("float32") * len(jax.local_devices(backend="cpu")) == pytest.approx(
-        metrics._cpu_probe("float32", cpu)
-    )
-    assert metrics.device_peak(cpu, "float32").source == "CPU matmul probe, float32"
+    assert metrics.peak_flops(cpu, "float32") == flops
+    source = metrics.device_peak(cpu, "float32").source
+    assert source.startswith("CPU matmul probe, float32, measured ") and "cached in" in source
+
+
+@pytest.fixture
+def fake_probe(tmp_path, monkeypatch):
+    """The CPU peak cached in tmp_path, measured by a fake probe that counts its calls (8e10 FLOP/s);
+    the process's own cache is emptied before and after, as if each call were a new process."""
+    calls = []
+
+    def probe(dtype, device):
+        calls.append(dtype)
+        return 8e10
+
+    monkeypatch.setenv(metrics.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(metrics, "_cpu_probe", probe)
+    metrics._cpu_host_peak.cache_clear()
+    yield calls
+    metrics._cpu_host_peak.cache_clear()
+
+
+def test_cpu_peak_is_measured_once_per_machine(fake_probe, tmp_path):
+    cpu = jax.devices("cpu")[0]
+    first = metrics.device_peak(cpu, "float32")
+    metrics._cpu_host_peak.cache_clear()  # a second run on the same machine
+    second = metrics.device_peak(cpu, "float32")
+    assert fake_probe == ["float32"]  # the second run read the file
+    assert first == second  # the same peak and source: MFU ratios equal tokens/s ratios
+    assert first.flops == pytest.approx(8e10 / len(jax.local_devices(backend="cpu")))
+    assert f"cached in {tmp_path / metrics.CPU_PEAK_FILE}" in first.source
+    (key,) = json.loads((tmp_path / metrics.CPU_PEAK_FILE).read_text())
+    assert "float32" in key and f"jax {jax.__version__}" in key and "cores" in key
+    metrics.device_peak(cpu, "bfloat16")  # another dtype is its own entry
+    assert fake_probe == ["float32", "bfloat16"]
+    assert len(json.loads((tmp_path / metrics.CPU_PEAK_FILE).read_text())) == 2
+    # bench.peak_tflops still wins, without a probe
+    assert metrics.device_peak(cpu, "float16", 0.5) == metrics.Peak(0.5e12, "given (bench.peak_tflops)")
+    assert fake_probe == ["float32", "bfloat16"]
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"KEY": {"flops": -1, "measured": "then"}}'])
+def test_corrupt_cpu_peak_cache_is_measured_again(fake_probe, tmp_path, content):
+    path = tmp_path / metrics.CPU_PEAK_FILE
+    key = metrics._machine_key("float32")
+    path.write_text(content.replace("KEY", key))
+    assert metrics.device_peak(jax.devices("cpu")[0], "float32").flops > 0
+    assert fake_probe == ["float32"]
+    assert json.loads(path.read_text())[key]["flops"] == 8e10  # and repaired
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_unwritable_cpu_peak_cache_keeps_the_measured_peak(fake_probe, tmp_path, monkeypatch, caplog):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv(metrics.CACHE_ENV, str(tmp_path / "a_file" / "cache"))  # cannot become a folder
+    with caplog.at_level(logging.WARNING):
+        peak = metrics.device_peak(jax.devices("cpu")[0], "float32")
+    assert peak.flops == pytest.approx(8e10 / len(jax.local_devices(backend="cpu")))
+    assert peak.source.endswith("not cached")
+    assert any("cannot cache the CPU peak" in r.getMessage() for r in caplog.records)
+
+
+def test_mfu_above_100_percent_is_flagged_once(caplog):
+    metrics._warn_above_100.cache_clear()
+    assert metrics.format_mfu(0.5123) == "51.2%"
+    assert metrics.format_mfu(1.0) == "100.0%"
+    with caplog.at_level(logging.WARNING):
+        assert metrics.format_mfu(1.37) == ">100% (peak too low?)"
+        assert metrics.format_mfu(2.0) == ">100% (peak too low?)"
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "above 100%" in warning and "bench.peak_tflops" in warning

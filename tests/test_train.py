@@ -73,6 +73,21 @@ def test_tiny_run_learns_and_writes_its_files(tiny_run):
     ckpt.close()
 
 
+def test_first_step_logs_its_compile_time_not_a_step_time(tiny_run):
+    out, _ = tiny_run
+    m = loggers.read_metrics(out)
+    rows = [{k: v[i] for k, v in m.items() if v[i] is not None} for i in range(len(m["step"]))]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [0, 5, 10, 15]  # log_interval 5
+    first, *later = train_rows
+    assert first["train/compile_seconds"] > 0
+    assert not {"train/ms_per_step", "train/tokens_per_sec", "train/mfu"} & set(first)
+    assert "eta" not in loggers.format_line(0, first, total_steps=20)
+    for r in later:
+        assert r["train/ms_per_step"] > 0 and r["train/tokens_per_sec"] > 0 and "train/compile_seconds" not in r
+        assert "eta" in loggers.format_line(int(r["step"]), r, total_steps=20)
+
+
 def test_tensorboard_events_read_back(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -228,7 +228,7 @@ COLUMNS: dict[str, list[Column]] = {
               ("block", "block_size", str), ("accum", "grad_accum", str), ("dtype", "dtype", str),
               ("compile s", "compile_s", _num(1)), ("ms/step", "ms_per_step", _num(1)), ("p10", "ms_p10", _num(1)),
               ("p90", "ms_p90", _num(1)), ("tokens/s", "tokens_per_s", _num(0)),
-              ("tokens/s/device", "tokens_per_s_per_device", _num(0)), ("MFU", "mfu", _pct),
+              ("tokens/s/device", "tokens_per_s_per_device", _num(0)), ("MFU", "mfu", metrics.format_mfu),
               ("args MiB", "argument_bytes", _mib), ("temp MiB", "temp_bytes", _mib),
               ("device peak MiB", "device_peak_bytes", _mib)],
     "profile": [("op", "name", str), ("jax op", "op_name", str), ("ms/step", "ms_per_step", _num(2)),
@@ -368,8 +368,8 @@ def chart(report: dict, path: str | os.PathLike) -> Path:
     ax = fig.subplots()
     bars = ax.barh([label(r) for r in rows], values, color="C0")
     if mode == "train":
-        notes = [f"MFU {_pct(r['results']['mfu'])}" if r["results"].get("mfu") is not None else "MFU unknown"
-                 for r in rows]
+        notes = [f"MFU {metrics.format_mfu(r['results']['mfu'])}" if r["results"].get("mfu") is not None
+                 else "MFU unknown" for r in rows]
         ax.bar_label(bars, notes, padding=3, fontsize="small")
     ax.invert_yaxis()  # first row on top, as in the table
     env = report["env"]
