@@ -47,15 +47,24 @@ export TIKTOKEN_CACHE_DIR ?= $(SHARED_DATA)/tiktoken_cache
 endif
 
 # make demo: TinyShakespeare (characters), nanoGPT's CPU recipe for 2000 steps, then 500 sampled
-# characters; metrics, checkpoints and loss.png land in $(DEMO_OUT).
+# characters; metrics, checkpoints and loss.png land in $(DEMO_OUT). Run again, it continues the run in
+# $(DEMO_OUT) (init_from=resume): a finished run has nothing left to train, says where its figures are
+# and samples again; an interrupted one trains on from its last checkpoint. A new run needs a new
+# DEMO_OUT (make demo DEMO_OUT=out-demo-2). DEMO_* and DEMO_DEPS are for tests (tests/test_demo.py).
 DEMO_OUT ?= out-shakespeare-char-cpu
-DEMO_CONFIG := configs/shakespeare_char.py:cpu
+DEMO_CONFIG ?= configs/shakespeare_char.py:cpu
+DEMO_DATA ?= data/shakespeare_char
+DEMO_ARGS ?=
+DEMO_DEPS ?= $(STAMP)
+# resume when the demo folder holds a checkpoint (a step folder under checkpoints/)
+DEMO_INIT = $(if $(wildcard $(DEMO_OUT)/checkpoints/[0-9]*),resume,scratch)
 
-demo: $(STAMP)
-	$(PY) data_prep/shakespeare_char.py --out_dir data/shakespeare_char
-	$(PY) run_train.py --config $(DEMO_CONFIG) --config.out_dir=$(DEMO_OUT)
-	$(PY) run_sample.py --config $(DEMO_CONFIG) --config.out_dir=$(DEMO_OUT) --config.init_from=resume \
-		--config.sample.prompt="ROMEO:" --config.sample.max_new_tokens=500
+demo: $(DEMO_DEPS)
+	$(PY) data_prep/shakespeare_char.py --out_dir $(DEMO_DATA)
+	$(PY) run_train.py --config $(DEMO_CONFIG) --config.data.data_dir=$(DEMO_DATA) --config.out_dir=$(DEMO_OUT) \
+		--config.init_from=$(DEMO_INIT) $(DEMO_ARGS)
+	$(PY) run_sample.py --config $(DEMO_CONFIG) --config.data.data_dir=$(DEMO_DATA) --config.out_dir=$(DEMO_OUT) \
+		--config.init_from=resume --config.sample.prompt="ROMEO:" --config.sample.max_new_tokens=500 $(DEMO_ARGS)
 	@echo "loss curve: $(DEMO_OUT)/loss.png, figures: $(DEMO_OUT)/summary.json"
 
 clean:

@@ -114,7 +114,10 @@ def _fail_without_waiting(message: str, grace_seconds: float = 5.0) -> None:
     deadline = time.monotonic() + grace_seconds
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            try:  # the plain Thread.join: orbax's threads override join() to raise on a timeout
+                threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - a thread that cannot be joined is left behind below
+                pass
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         try:
             fail(message)

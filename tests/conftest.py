@@ -99,3 +99,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+def make_unwritable(path, undo: bool = False):
+    """Make the folder `path` refuse new entries, as after lost permissions or a read-only remount;
+    returns the function that undoes it. Root ignores permissions, so as root the folder is made
+    immutable (chattr +i, e2fsprogs) instead of read-only (chmod)."""
+    import subprocess
+
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i" if undo else "+i", str(path)], check=True)
+    else:
+        os.chmod(path, 0o755 if undo else 0o555)
+    return lambda: make_unwritable(path, undo=True)
