@@ -39,6 +39,8 @@ from nanogpt_jax import tokenizer as tokenizers
 from nanogpt_jax.errors import DataError
 
 KNOWN_DATASETS = ("shakespeare_char", "shakespeare", "openwebtext")  # data_prep/<name>.py
+# configs/default.py's data.data_dir: a config that leaves it here did not choose a data folder
+DEFAULT_DATA_DIR = "data/openwebtext"
 DTYPES = ("uint16", "uint32")
 # nanoGPT's openwebtext and shakespeare folders have no meta file: GPT-2 ids as uint16
 NANOGPT_GPT2_META = {"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16", "eot_token": 50256,
@@ -128,6 +130,42 @@ def model_vocab_size(meta: dict) -> int:
 def tokenizer_for(data_dir: str | Path) -> tokenizers.Tokenizer:
     """The tokenizer the folder's data was prepared with (its meta.json, or nanoGPT's meta.pkl)."""
     return tokenizers.from_meta(load_meta(data_dir))
+
+
+def find_data_dir(data_dir: str | Path, recorded: str | Path | None = None) -> Path:
+    """The data folder of a model being sampled or evaluated: its tokenizer, and the loss task's data.
+
+    One rule for run_sample.py and run_eval.py (`sample.load_model` applies it to a checkpoint):
+    the config's `data_dir` when it was given explicitly (any value but DEFAULT_DATA_DIR, the
+    default); else the folder the checkpoint's run `recorded` (its record's data_dir) when it is on
+    this machine; else `data_dir` (a run copied from elsewhere recorded a path that is not here).
+
+    Raises DataError when the chosen folder does not exist (naming the recorded one when that one is
+    here), or when an explicit folder's vocabulary is not the one the run trained on (naming both).
+    """
+    chosen, explicit = Path(data_dir), str(data_dir) != DEFAULT_DATA_DIR
+    here = recorded is not None and Path(recorded).is_dir()
+    if here and not explicit:
+        return Path(recorded)
+    if recorded is not None and not here and not explicit and chosen.is_dir():
+        logging.warning("the checkpoint's data_dir %s is not here; reading data.data_dir=%s", recorded, chosen)
+    if not chosen.is_dir():
+        if here:
+            raise DataError(f"data.data_dir={str(data_dir)!r} does not exist; the checkpoint was trained on "
+                            f"{recorded}: pass --config.data.data_dir={recorded}, or leave data.data_dir unset")
+        if recorded is not None:
+            raise DataError(f"the checkpoint's data folder {recorded} is not on this machine and data.data_dir="
+                            f"{str(data_dir)!r} does not exist; pass --config.data.data_dir=DIR, the data it was "
+                            "trained on (its tokenizer is read from DIR/meta.json)")
+        load_meta(chosen)  # raises DataError: how to create it
+    if here and Path(recorded).resolve() != chosen.resolve():
+        mine, theirs = tokenizer_for(chosen), tokenizer_for(recorded)
+        if not tokenizers.same_vocabulary(mine, theirs):
+            raise DataError(f"data.data_dir={str(data_dir)!r} holds {tokenizers.describe(mine.name, mine.n_vocab)}, "
+                            f"but the checkpoint was trained on {recorded} with "
+                            f"{tokenizers.describe(theirs.name, theirs.n_vocab)} (other characters or ids); pass "
+                            f"--config.data.data_dir={recorded} or data prepared with the same vocabulary")
+    return chosen
 
 
 # ---- splits --------------------------------------------------------------------------------------

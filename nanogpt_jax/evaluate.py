@@ -47,7 +47,7 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import data, download, hellaswag, sharding
+from nanogpt_jax import data, download, hellaswag, sharding, tokenizer
 from nanogpt_jax.errors import ConfigError, DataError
 from nanogpt_jax.model import GPT, token_losses
 from nanogpt_jax.tokenizer import Tokenizer
@@ -175,10 +175,6 @@ def count_bytes(tokens: np.ndarray, lengths: np.ndarray | None) -> int | None:
     return total
 
 
-def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
-    return a.name == b.name and a.n_vocab == b.n_vocab and getattr(a, "chars", None) == getattr(b, "chars", None)
-
-
 def read_text(path: str | Path, tok: Tokenizer, what: str) -> np.ndarray:
     """A UTF-8 text file (universal newlines) as int32 token ids. Raises DataError when it is missing,
     unreadable, not encodable by `tok` or shorter than 2 tokens."""
@@ -199,6 +195,16 @@ def read_text(path: str | Path, tok: Tokenizer, what: str) -> np.ndarray:
     return ids
 
 
+def _check_loss_data(data_dir: str | Path) -> None:
+    """Raises DataError when the loss task's folder is missing, pointing at the tasks that need none
+    (pretrained weights come without data; their user need not prepare OpenWebText to evaluate them)."""
+    if not Path(data_dir).is_dir():
+        raise DataError(f"the loss task reads data.data_dir={str(data_dir)!r}, which does not exist; choose "
+                        "eval.tasks that need no data folder (text, wikitext2, hellaswag), e.g. "
+                        "--config.eval.tasks=\"('wikitext2','hellaswag')\", or pass --config.data.data_dir=DIR, "
+                        "a folder prepared with the model's tokenizer")
+
+
 class Evaluator:
     """The tasks of one model on one mesh, prepared once (files read, tokenized, checked) and run as
     often as needed: `run(params)` -> {key: result dict}, `metrics(params)` -> {"eval/<key>/<m>": value}.
@@ -209,7 +215,8 @@ class Evaluator:
         mesh: where to score; eval.batch_size is rounded up to a multiple of its data x fsdp size.
         tok: the model's tokenizer.
         tasks: task names (TASKS).
-        data_dir_hint: the data dir a checkpoint was trained on, named when data.data_dir is missing.
+        data_dir: the loss task's folder (a checkpoint's, as `sample.load_model` found it with
+            `data.find_data_dir`); None: data.data_dir.
     Raises:
         DataError: a missing or unusable split or file, a tokenizer that does not fit the data, or
             hellaswag with a tokenizer other than GPT-2's.
@@ -217,7 +224,7 @@ class Evaluator:
     """
 
     def __init__(self, config: ConfigDict, model: GPT, mesh: Mesh, tok: Tokenizer, tasks: Sequence[str],
-                 data_dir_hint: str | None = None, apply_fn: Callable | None = None):
+                 data_dir: str | Path | None = None, apply_fn: Callable | None = None):
         e = config.eval
         self.block_size = T = model.config.block_size
         d = sharding.batch_divisor(mesh)
@@ -232,7 +239,7 @@ class Evaluator:
         lengths = token_byte_lengths(tok) if {"loss", "text", "wikitext2"} & set(tasks) else None
         for name in tasks:
             if name == "loss":
-                tokens, info = self._split(config, model, tok, data_dir_hint)
+                tokens, info = self._split(config, model, tok, data_dir or config.data.data_dir)
                 self.inputs[f"loss/{e.split}"] = _Tokens(tokens, e.stride or T, count_bytes(tokens, lengths), info)
             elif name == "text":
                 tokens = read_text(e.text_path, tok, "eval.text_path")
@@ -254,17 +261,14 @@ class Evaluator:
                 raise ConfigError(f"unknown eval task {name!r}; choose from {', '.join(TASKS)}")
 
     @staticmethod
-    def _split(config: ConfigDict, model: GPT, tok: Tokenizer, hint: str | None) -> tuple[np.ndarray, dict]:
-        data_dir, split = config.data.data_dir, config.eval.split
-        if not Path(data_dir).is_dir() and hint and Path(hint).is_dir():
-            raise DataError(f"data.data_dir={data_dir!r} does not exist; the checkpoint was trained on {hint}: "
-                            f"pass --config.data.data_dir={hint}")
+    def _split(config: ConfigDict, model: GPT, tok: Tokenizer, data_dir: str | Path) -> tuple[np.ndarray, dict]:
+        split = config.eval.split
+        _check_loss_data(data_dir)
         ds = data.Dataset(data_dir, block_size=1, model_vocab_size=model.config.vocab_size, splits=(split,))
-        if not _same_tokenizer(ds.tokenizer, tok):
+        if not tokenizer.same_vocabulary(ds.tokenizer, tok):
             raise DataError(f"{data_dir} was tokenized with a {ds.tokenizer.n_vocab}-token {ds.tokenizer.name} "
                             f"vocabulary, the model uses a {tok.n_vocab}-token {tok.name} one; evaluate on data "
-                            "prepared for this model" + (f", e.g. --config.data.data_dir={hint} (the checkpoint's)"
-                                                         if hint and Path(hint).is_dir() else ""))
+                            "prepared for this model")
         tokens = ds.split(split)
         if len(tokens) < 2:
             raise DataError(f"{data_dir}/{split}.bin holds {len(tokens)} token(s); at least 2 are needed")
@@ -407,7 +411,8 @@ def run(config: ConfigDict, out: TextIO | None = None) -> dict:
 
     The report (a dict, also returned): `model` (source, checkpoint step, GPTConfig, parameters,
     tokenizer), `tasks` (per task: its metrics, what was scored, seconds, throughput), `metrics` (the
-    flat eval/<key>/<metric> names), `devices`, `processes`, `mesh`, `wall_seconds`, `config`. Process 0
+    flat eval/<key>/<metric> names), `devices`, `processes`, `mesh`, `wall_seconds`, `config` (the settings,
+    its model section the model that ran: a checkpoint's or HF folder's shape, not the config file's). Process 0
     writes it to eval.out (default out_dir/eval.json) and eval.md beside it.
 
     Raises UserError (one line) for bad input: config, checkpoint, data or text files.
@@ -416,6 +421,8 @@ def run(config: ConfigDict, out: TextIO | None = None) -> dict:
     if config.init_from == "scratch":
         raise ConfigError("init_from='scratch': nothing to evaluate; use resume (a training run's out_dir), a GPT-2 "
                           "name such as gpt2, or a Hugging Face folder")
+    if config.init_from != "resume" and "loss" in config.eval.tasks:
+        _check_loss_data(config.data.data_dir)  # before the weights are read
     from nanogpt_jax import sample  # sample -> train -> evaluate: imported here, not at the top
 
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -423,15 +430,18 @@ def run(config: ConfigDict, out: TextIO | None = None) -> dict:
     logging.info("evaluating %s (%s, %.2fM parameters) on %s", source.get("pretrained") or
                  f"{source['checkpoint']} step {source['step']}", model.config.dtype, model.num_params() / 1e6,
                  ", ".join(config.eval.tasks))
-    evaluator = Evaluator(config, model, mesh, tok, config.eval.tasks, data_dir_hint=source.get("data_dir"))
+    evaluator = Evaluator(config, model, mesh, tok, config.eval.tasks, data_dir=source.get("data_dir"))
     results = evaluator.run(params)
+    settings = json.loads(config.to_json())
+    # the weights fix the shape (a checkpoint's, an HF folder's): record the model that ran, not the config file's
+    settings["model"] = {k: getattr(model.config, k, v) for k, v in settings["model"].items()}
     report = {
         "model": {"source": source.get("pretrained") or config.init_from, **source,
                   "params": model.num_params(), "tokenizer": tok.name, "config": dataclasses.asdict(model.config)},
         "tasks": results, "metrics": flat_metrics(results), "batch_size": evaluator.batch_size,
         "devices": mesh.size, "processes": jax.process_count(), "mesh": dict(mesh.shape),
         "device_kind": jax.devices()[0].device_kind, "compilations": evaluator.scorer.jitted._cache_size(),
-        "wall_seconds": time.time() - t0, "config": json.loads(config.to_json()),
+        "wall_seconds": time.time() - t0, "config": settings,
     }
     if jax.process_index() == 0:
         json_path, md_path = write_report(report, config.eval.out or Path(config.out_dir) / "eval.json")
