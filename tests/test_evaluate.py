@@ -187,7 +187,7 @@ def test_eval_and_sample_find_a_runs_data_by_one_rule(tiny_run, token_data, tmp_
     from nanogpt_jax import data, sample
 
     monkeypatch.chdir(tmp_path)  # no data/openwebtext here: the default names nothing
-    c = tiny_run_config(data.DEFAULT_DATA_DIR, tiny_run, **{"init_from": "resume", "eval.out": str(tmp_path / "e.json")})
+    c = tiny_run_config(data.DEFAULT_DATA_DIR, tiny_run, init_from="resume", **{"eval.out": str(tmp_path / "e.json")})
     report = evaluate.run(c)  # the default data_dir: the run's own data (token_data) is found
     assert report["tasks"]["loss/val"]["data_dir"] == report["model"]["data_dir"] == str(token_data.resolve())
     assert sample.load_model(c)[3]["data_dir"] == str(token_data.resolve())
