@@ -127,6 +127,35 @@ def model_vocab_size(meta: dict) -> int:
     return -(-n // 64) * 64 if meta["tokenizer"] == "gpt2" else n
 
 
+def check_init_vocabulary(init_from: str, data_dir: str | Path, meta: dict) -> None:
+    """Refuse pretrained GPT-2 weights on data of another vocabulary, before anything is loaded or written.
+
+    init_from: a GPT-2 name (gpt2, ...) or a Hugging Face folder (its config.json's vocab_size is read;
+    one of 50257 rows or more is GPT-2's BPE); scratch and resume are not checked here. meta: the
+    data folder's (`load_meta`). A smaller HF vocabulary (e.g. a char model exported with export_hf)
+    is left to the vocab_size checks of `Dataset`.
+    Raises DataError naming both vocabularies when the weights' are GPT-2's BPE and the data's is not.
+    """
+    from nanogpt_jax.model import GPT2_SIZES, GPT2_VOCAB_SIZE  # jax and flax: only when weights are named
+
+    if init_from in GPT2_SIZES:
+        weights = f"{init_from}'s"
+    else:
+        try:
+            n = json.loads((Path(init_from) / "config.json").read_text())["vocab_size"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # not a readable HF folder: loading it reports why
+        if not isinstance(n, int) or n < GPT2_VOCAB_SIZE:
+            return
+        weights = f"the folder's (vocab_size {n})"
+    if meta["tokenizer"] != "gpt2":
+        raise DataError(f"init_from={init_from}: {weights} weights are for "
+                        f"{tokenizers.describe('gpt2', GPT2_VOCAB_SIZE)}, but data.data_dir={data_dir} is tokenized "
+                        f"with {tokenizers.describe(meta['tokenizer'], meta['vocab_size'])} (its meta); its ids would "
+                        "mean other text to the model: prepare the data with GPT-2's BPE (data_prep/shakespeare.py, "
+                        "data_prep/text.py) or train from scratch (--config.init_from=scratch)")
+
+
 def tokenizer_for(data_dir: str | Path) -> tokenizers.Tokenizer:
     """The tokenizer the folder's data was prepared with (its meta.json, or nanoGPT's meta.pkl)."""
     return tokenizers.from_meta(load_meta(data_dir))
