@@ -16,6 +16,10 @@ sees at least block_size - stride tokens of context; stride = block_size is plai
 windows). The wikitext2 default stride is block_size // 2: the recipe of Hugging Face's guide
 "Perplexity of fixed-length models" (GPT-2, block 1024, stride 512).
 
+Quick runs: `eval.max_examples` scores HellaSwag's first N examples and WikiText-2's first N windows
+(the loss and text tasks always score every token). Long tasks log a progress line every
+`loggers.PROGRESS_SECONDS` (done/total, rate, eta) on process 0.
+
 Scale: one jitted scorer returns each row's summed token losses for padded (N, K, T) batches, N
 split over the mesh's data x fsdp devices, on every host at once: every process builds the same
 global batch on the host (cheap), its devices score their rows, each process sums the rows it holds,
@@ -47,7 +51,7 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import data, download, hellaswag, sharding, tokenizer
+from nanogpt_jax import data, download, hellaswag, loggers, sharding, tokenizer
 from nanogpt_jax.errors import ConfigError, DataError
 from nanogpt_jax.model import GPT, token_losses
 from nanogpt_jax.tokenizer import Tokenizer
@@ -247,9 +251,12 @@ class Evaluator:
                     tokens, e.stride or T, count_bytes(tokens, lengths), {"path": str(e.text_path)})
             elif name == "wikitext2":
                 path = download.fetch(*WIKITEXT2, Path(e.cache_dir) / WIKITEXT2[0])
-                tokens = read_text(path, tok, "wikitext2")
-                self.inputs["wikitext2"] = _Tokens(tokens, e.stride or max(1, T // 2), count_bytes(tokens, lengths),
-                                                   {"path": str(path), "detokenization": WIKITEXT2_NOTE})
+                tokens, stride = read_text(path, tok, "wikitext2"), e.stride or max(1, T // 2)
+                if e.max_examples:  # the first max_examples windows: the tokens they score, no more
+                    tokens = tokens[:(e.max_examples - 1) * stride + T + 1]
+                self.inputs["wikitext2"] = _Tokens(tokens, stride, count_bytes(tokens, lengths),
+                                                   {"path": str(path), "detokenization": WIKITEXT2_NOTE,
+                                                    "max_windows": e.max_examples})
             elif name == "hellaswag":
                 if tok.name != "gpt2":
                     raise DataError(f"hellaswag needs a model with GPT-2's BPE tokenizer; this one uses a "
@@ -281,11 +288,12 @@ class Evaluator:
             t0 = time.perf_counter()
             if key == "hellaswag":
                 out[key] = hellaswag_accuracy(self.scorer, params, inp, batch_size=self.batch_size,
-                                              block_size=self.block_size)
+                                              block_size=self.block_size, label=key)
             else:
                 out[key] = {**inp.info, "block_size": self.block_size, "stride": inp.stride,
                             **perplexity(self.scorer, params, inp.tokens, block_size=self.block_size,
-                                         stride=inp.stride, batch_size=self.batch_size, n_bytes=inp.n_bytes)}
+                                         stride=inp.stride, batch_size=self.batch_size, n_bytes=inp.n_bytes,
+                                         label=key)}
             out[key]["seconds"] = seconds = time.perf_counter() - t0
             unit = "examples" if key == "hellaswag" else "tokens"
             out[key][f"{unit}_per_sec"] = out[key][unit] / seconds if seconds > 0 else None
@@ -299,16 +307,20 @@ class Evaluator:
 
 
 def perplexity(scorer: Scorer, params: Any, tokens: np.ndarray, *, block_size: int, stride: int, batch_size: int,
-               n_bytes: int | None = None) -> dict:
+               n_bytes: int | None = None, label: str | None = None) -> dict:
     """Exact mean loss over every token of `tokens` after the first (1-D ints), each scored once with
     sliding windows (`data.sliding_windows`); the same result on every process.
 
     Returns {"tokens", "windows", "loss" (nats/token), "ppl", "bytes", "bpb" (None without n_bytes)}.
     batch_size: global windows per call, a multiple of the mesh's data x fsdp size.
+    label: when given, a progress line (`loggers.Progress`) under this name every few seconds.
     Raises DataError for fewer than 2 tokens or a stride outside 1 .. block_size.
     """
     local = np.zeros(2)  # this process's rows: summed nats, scored tokens
     windows, pending = 0, None
+    # windows start every stride tokens up to the one that ends at the last target (data.sliding_windows)
+    total = 1 + -(-max(0, len(tokens) - 1 - block_size) // stride)
+    progress = loggers.Progress(label, total, "windows") if label else None
 
     def read(out: jax.Array, counts: np.ndarray) -> np.ndarray:
         return sum((np.array([v.astype(np.float64).sum(), counts[rows].sum()]) for rows, v in local_rows(out)),
@@ -321,6 +333,8 @@ def perplexity(scorer: Scorer, params: Any, tokens: np.ndarray, *, block_size: i
         if pending is not None:  # read the previous batch while this one runs
             local += read(*pending)
         pending = (out, counts)
+        if progress:
+            progress.update(int((counts > 0).sum()))
     local += read(*pending)
     nats, n = gather_sum(local)
     loss = nats / n
@@ -330,12 +344,14 @@ def perplexity(scorer: Scorer, params: Any, tokens: np.ndarray, *, block_size: i
 
 
 def hellaswag_accuracy(scorer: Scorer, params: Any, examples: Sequence[hellaswag.Rendered], *, batch_size: int,
-                       block_size: int) -> dict:
+                       block_size: int, label: str | None = None) -> dict:
     """HellaSwag accuracies (acc, acc_norm_token, acc_norm_char; see nanogpt_jax/hellaswag.py) over
     rendered examples, batch_size examples (x 4 endings) per call; the same result on every process.
-    Returns {"examples", "row_lengths" (the padded lengths used), and each accuracy (a fraction)}."""
+    Returns {"examples", "row_lengths" (the padded lengths used), and each accuracy (a fraction)}.
+    label: when given, a progress line (`loggers.Progress`) under this name every few seconds."""
     local = np.zeros(1 + len(hellaswag.METRICS))  # this process's examples, then its correct counts
     pending, lengths = None, set()
+    progress = loggers.Progress(label, len(examples), "examples") if label else None
 
     def read(out: jax.Array, ids: np.ndarray) -> np.ndarray:
         total = np.zeros_like(local)
@@ -351,6 +367,8 @@ def hellaswag_accuracy(scorer: Scorer, params: Any, examples: Sequence[hellaswag
         if pending is not None:
             local += read(*pending)
         pending = (out, ids)
+        if progress:
+            progress.update(int((ids >= 0).sum()))
     if pending is not None:
         local += read(*pending)
     totals = gather_sum(local)

@@ -328,3 +328,22 @@ def test_an_hf_folder_on_text_and_hellaswag_matches_transformers_loss(hf_folder,
     # the model that ran (the folder's 1 x 16 shape), not configs/tiny.py's 2 x 32, wherever the report says
     for shape in (report["model"]["config"], report["config"]["model"]):
         assert (shape["n_layer"], shape["n_embd"], shape["vocab_size"]) == (1, 16, 50257)
+
+
+def test_wikitext2_and_hellaswag_are_capped_by_max_examples_and_show_progress(hf_folder, tmp_path, monkeypatch,
+                                                                              caplog):
+    import logging
+
+    from nanogpt_jax import loggers
+
+    monkeypatch.setattr(loggers, "PROGRESS_SECONDS", 0.0)  # a line at every batch, so this short run shows them
+    c = tiny_run_config(tmp_path / "no-data", tmp_path, **{
+        "init_from": str(hf_folder[0]), "eval.tasks": ("wikitext2", "hellaswag"), "eval.max_examples": 3,
+        "eval.cache_dir": str(tmp_path / "cache"), "eval.out": str(tmp_path / "r.json")})
+    with caplog.at_level(logging.INFO):
+        report = evaluate.run(c)
+    wiki = report["tasks"]["wikitext2"]
+    # 3 windows of 32 tokens every 16 (stride block_size // 2): the first scores 32 targets, the others 16 each
+    assert (wiki["windows"], wiki["stride"], wiki["tokens"], wiki["max_windows"]) == (3, 16, 64, 3)
+    assert report["tasks"]["hellaswag"]["examples"] == 3
+    assert "wikitext2: 3/3 windows" in caplog.text and "hellaswag: 3/3 examples" in caplog.text
