@@ -87,7 +87,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.eval.split = "val"  # split of data_dir for the loss task
     c.eval.text_path = placeholder(str)  # text file for the text task
     c.eval.stride = placeholder(int)  # sliding-window stride in tokens; None = block_size (wikitext2: half)
-    c.eval.max_examples = placeholder(int)  # cap on examples (HellaSwag) for quick runs
+    # quick runs: hellaswag scores its first max_examples examples, wikitext2 its first max_examples windows
+    # (of block_size tokens, every eval.stride); loss and text always score every token. None = no cap
+    c.eval.max_examples = placeholder(int)
     # global rows per forward pass: windows (loss, text, wikitext2) or examples of 4 endings (hellaswag);
     # rounded up to a multiple of mesh.data x mesh.fsdp
     c.eval.batch_size = 8

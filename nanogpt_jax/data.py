@@ -39,6 +39,8 @@ from nanogpt_jax import tokenizer as tokenizers
 from nanogpt_jax.errors import DataError
 
 KNOWN_DATASETS = ("shakespeare_char", "shakespeare", "openwebtext")  # data_prep/<name>.py
+# configs/default.py's data.data_dir: a config that leaves it here did not choose a data folder
+DEFAULT_DATA_DIR = "data/openwebtext"
 DTYPES = ("uint16", "uint32")
 # nanoGPT's openwebtext and shakespeare folders have no meta file: GPT-2 ids as uint16
 NANOGPT_GPT2_META = {"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16", "eot_token": 50256,
@@ -125,9 +127,74 @@ def model_vocab_size(meta: dict) -> int:
     return -(-n // 64) * 64 if meta["tokenizer"] == "gpt2" else n
 
 
+def check_init_vocabulary(init_from: str, data_dir: str | Path, meta: dict) -> None:
+    """Refuse pretrained GPT-2 weights on data of another vocabulary, before anything is loaded or written.
+
+    init_from: a GPT-2 name (gpt2, ...) or a Hugging Face folder (its config.json's vocab_size is read;
+    one of 50257 rows or more is GPT-2's BPE); scratch and resume are not checked here. meta: the
+    data folder's (`load_meta`). A smaller HF vocabulary (e.g. a char model exported with export_hf)
+    is left to the vocab_size checks of `Dataset`.
+    Raises DataError naming both vocabularies when the weights' are GPT-2's BPE and the data's is not.
+    """
+    from nanogpt_jax.model import GPT2_SIZES, GPT2_VOCAB_SIZE  # jax and flax: only when weights are named
+
+    if init_from in GPT2_SIZES:
+        weights = f"{init_from}'s"
+    else:
+        try:
+            n = json.loads((Path(init_from) / "config.json").read_text())["vocab_size"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # not a readable HF folder: loading it reports why
+        if not isinstance(n, int) or n < GPT2_VOCAB_SIZE:
+            return
+        weights = f"the folder's (vocab_size {n})"
+    if meta["tokenizer"] != "gpt2":
+        raise DataError(f"init_from={init_from}: {weights} weights are for "
+                        f"{tokenizers.describe('gpt2', GPT2_VOCAB_SIZE)}, but data.data_dir={data_dir} is tokenized "
+                        f"with {tokenizers.describe(meta['tokenizer'], meta['vocab_size'])} (its meta); its ids would "
+                        "mean other text to the model: prepare the data with GPT-2's BPE (data_prep/shakespeare.py, "
+                        "data_prep/text.py) or train from scratch (--config.init_from=scratch)")
+
+
 def tokenizer_for(data_dir: str | Path) -> tokenizers.Tokenizer:
     """The tokenizer the folder's data was prepared with (its meta.json, or nanoGPT's meta.pkl)."""
     return tokenizers.from_meta(load_meta(data_dir))
+
+
+def find_data_dir(data_dir: str | Path, recorded: str | Path | None = None) -> Path:
+    """The data folder of a model being sampled or evaluated: its tokenizer, and the loss task's data.
+
+    One rule for run_sample.py and run_eval.py (`sample.load_model` applies it to a checkpoint):
+    the config's `data_dir` when it was given explicitly (any value but DEFAULT_DATA_DIR, the
+    default); else the folder the checkpoint's run `recorded` (its record's data_dir) when it is on
+    this machine; else `data_dir` (a run copied from elsewhere recorded a path that is not here).
+
+    Raises DataError when the chosen folder does not exist (naming the recorded one when that one is
+    here), or when an explicit folder's vocabulary is not the one the run trained on (naming both).
+    """
+    chosen, explicit = Path(data_dir), str(data_dir) != DEFAULT_DATA_DIR
+    here = recorded is not None and Path(recorded).is_dir()
+    if here and not explicit:
+        return Path(recorded)
+    if recorded is not None and not here and not explicit and chosen.is_dir():
+        logging.warning("the checkpoint's data_dir %s is not here; reading data.data_dir=%s", recorded, chosen)
+    if not chosen.is_dir():
+        if here:
+            raise DataError(f"data.data_dir={str(data_dir)!r} does not exist; the checkpoint was trained on "
+                            f"{recorded}: pass --config.data.data_dir={recorded}, or leave data.data_dir unset")
+        if recorded is not None:
+            raise DataError(f"the checkpoint's data folder {recorded} is not on this machine and data.data_dir="
+                            f"{str(data_dir)!r} does not exist; pass --config.data.data_dir=DIR, the data it was "
+                            "trained on (its tokenizer is read from DIR/meta.json)")
+        load_meta(chosen)  # raises DataError: how to create it
+    if here and Path(recorded).resolve() != chosen.resolve():
+        mine, theirs = tokenizer_for(chosen), tokenizer_for(recorded)
+        if not tokenizers.same_vocabulary(mine, theirs):
+            raise DataError(f"data.data_dir={str(data_dir)!r} holds {tokenizers.describe(mine.name, mine.n_vocab)}, "
+                            f"but the checkpoint was trained on {recorded} with "
+                            f"{tokenizers.describe(theirs.name, theirs.n_vocab)} (other characters or ids); pass "
+                            f"--config.data.data_dir={recorded} or data prepared with the same vocabulary")
+    return chosen
 
 
 # ---- splits --------------------------------------------------------------------------------------

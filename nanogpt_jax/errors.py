@@ -4,16 +4,20 @@ Library code raises `UserError` (or a subclass) for problems the user can fix: a
 a missing file, a checkpoint that does not fit. The `run_*.py` entry points print its message on
 one line and exit with status 1, without a traceback (see `nanogpt_jax.cli`). Anything else is a
 bug and keeps its traceback.
+
+Every `UserError` is also a `ValueError` (a bad value was passed in), so a program that calls the
+library catches them the usual way: `except ValueError` catches an unknown character in a prompt
+(`DataError`) as it catches a bad config value (`ConfigError`).
 """
 
 from typing import NoReturn
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A problem with the user's input; the message names the problem and the fix."""
 
 
-class ConfigError(UserError, ValueError):
+class ConfigError(UserError):
     """An unknown, mistyped or impossible config value; the message starts with the key."""
 
 

@@ -16,6 +16,10 @@ sees at least block_size - stride tokens of context; stride = block_size is plai
 windows). The wikitext2 default stride is block_size // 2: the recipe of Hugging Face's guide
 "Perplexity of fixed-length models" (GPT-2, block 1024, stride 512).
 
+Quick runs: `eval.max_examples` scores HellaSwag's first N examples and WikiText-2's first N windows
+(the loss and text tasks always score every token). Long tasks log a progress line every
+`loggers.PROGRESS_SECONDS` (done/total, rate, eta) on process 0.
+
 Scale: one jitted scorer returns each row's summed token losses for padded (N, K, T) batches, N
 split over the mesh's data x fsdp devices, on every host at once: every process builds the same
 global batch on the host (cheap), its devices score their rows, each process sums the rows it holds,
@@ -47,7 +51,7 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import data, download, hellaswag, sharding
+from nanogpt_jax import data, download, hellaswag, loggers, sharding, tokenizer
 from nanogpt_jax.errors import ConfigError, DataError
 from nanogpt_jax.model import GPT, token_losses
 from nanogpt_jax.tokenizer import Tokenizer
@@ -175,10 +179,6 @@ def count_bytes(tokens: np.ndarray, lengths: np.ndarray | None) -> int | None:
     return total
 
 
-def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
-    return a.name == b.name and a.n_vocab == b.n_vocab and getattr(a, "chars", None) == getattr(b, "chars", None)
-
-
 def read_text(path: str | Path, tok: Tokenizer, what: str) -> np.ndarray:
     """A UTF-8 text file (universal newlines) as int32 token ids. Raises DataError when it is missing,
     unreadable, not encodable by `tok` or shorter than 2 tokens."""
@@ -199,6 +199,16 @@ def read_text(path: str | Path, tok: Tokenizer, what: str) -> np.ndarray:
     return ids
 
 
+def _check_loss_data(data_dir: str | Path) -> None:
+    """Raises DataError when the loss task's folder is missing, pointing at the tasks that need none
+    (pretrained weights come without data; their user need not prepare OpenWebText to evaluate them)."""
+    if not Path(data_dir).is_dir():
+        raise DataError(f"the loss task reads data.data_dir={str(data_dir)!r}, which does not exist; choose "
+                        "eval.tasks that need no data folder (text, wikitext2, hellaswag), e.g. "
+                        "--config.eval.tasks=\"('wikitext2','hellaswag')\", or pass --config.data.data_dir=DIR, "
+                        "a folder prepared with the model's tokenizer")
+
+
 class Evaluator:
     """The tasks of one model on one mesh, prepared once (files read, tokenized, checked) and run as
     often as needed: `run(params)` -> {key: result dict}, `metrics(params)` -> {"eval/<key>/<m>": value}.
@@ -209,7 +219,8 @@ class Evaluator:
         mesh: where to score; eval.batch_size is rounded up to a multiple of its data x fsdp size.
         tok: the model's tokenizer.
         tasks: task names (TASKS).
-        data_dir_hint: the data dir a checkpoint was trained on, named when data.data_dir is missing.
+        data_dir: the loss task's folder (a checkpoint's, as `sample.load_model` found it with
+            `data.find_data_dir`); None: data.data_dir.
     Raises:
         DataError: a missing or unusable split or file, a tokenizer that does not fit the data, or
             hellaswag with a tokenizer other than GPT-2's.
@@ -217,7 +228,7 @@ class Evaluator:
     """
 
     def __init__(self, config: ConfigDict, model: GPT, mesh: Mesh, tok: Tokenizer, tasks: Sequence[str],
-                 data_dir_hint: str | None = None, apply_fn: Callable | None = None):
+                 data_dir: str | Path | None = None, apply_fn: Callable | None = None):
         e = config.eval
         self.block_size = T = model.config.block_size
         d = sharding.batch_divisor(mesh)
@@ -232,7 +243,7 @@ class Evaluator:
         lengths = token_byte_lengths(tok) if {"loss", "text", "wikitext2"} & set(tasks) else None
         for name in tasks:
             if name == "loss":
-                tokens, info = self._split(config, model, tok, data_dir_hint)
+                tokens, info = self._split(config, model, tok, data_dir or config.data.data_dir)
                 self.inputs[f"loss/{e.split}"] = _Tokens(tokens, e.stride or T, count_bytes(tokens, lengths), info)
             elif name == "text":
                 tokens = read_text(e.text_path, tok, "eval.text_path")
@@ -240,9 +251,12 @@ class Evaluator:
                     tokens, e.stride or T, count_bytes(tokens, lengths), {"path": str(e.text_path)})
             elif name == "wikitext2":
                 path = download.fetch(*WIKITEXT2, Path(e.cache_dir) / WIKITEXT2[0])
-                tokens = read_text(path, tok, "wikitext2")
-                self.inputs["wikitext2"] = _Tokens(tokens, e.stride or max(1, T // 2), count_bytes(tokens, lengths),
-                                                   {"path": str(path), "detokenization": WIKITEXT2_NOTE})
+                tokens, stride = read_text(path, tok, "wikitext2"), e.stride or max(1, T // 2)
+                if e.max_examples:  # the first max_examples windows: the tokens they score, no more
+                    tokens = tokens[:(e.max_examples - 1) * stride + T + 1]
+                self.inputs["wikitext2"] = _Tokens(tokens, stride, count_bytes(tokens, lengths),
+                                                   {"path": str(path), "detokenization": WIKITEXT2_NOTE,
+                                                    "max_windows": e.max_examples})
             elif name == "hellaswag":
                 if tok.name != "gpt2":
                     raise DataError(f"hellaswag needs a model with GPT-2's BPE tokenizer; this one uses a "
@@ -254,17 +268,14 @@ class Evaluator:
                 raise ConfigError(f"unknown eval task {name!r}; choose from {', '.join(TASKS)}")
 
     @staticmethod
-    def _split(config: ConfigDict, model: GPT, tok: Tokenizer, hint: str | None) -> tuple[np.ndarray, dict]:
-        data_dir, split = config.data.data_dir, config.eval.split
-        if not Path(data_dir).is_dir() and hint and Path(hint).is_dir():
-            raise DataError(f"data.data_dir={data_dir!r} does not exist; the checkpoint was trained on {hint}: "
-                            f"pass --config.data.data_dir={hint}")
+    def _split(config: ConfigDict, model: GPT, tok: Tokenizer, data_dir: str | Path) -> tuple[np.ndarray, dict]:
+        split = config.eval.split
+        _check_loss_data(data_dir)
         ds = data.Dataset(data_dir, block_size=1, model_vocab_size=model.config.vocab_size, splits=(split,))
-        if not _same_tokenizer(ds.tokenizer, tok):
+        if not tokenizer.same_vocabulary(ds.tokenizer, tok):
             raise DataError(f"{data_dir} was tokenized with a {ds.tokenizer.n_vocab}-token {ds.tokenizer.name} "
                             f"vocabulary, the model uses a {tok.n_vocab}-token {tok.name} one; evaluate on data "
-                            "prepared for this model" + (f", e.g. --config.data.data_dir={hint} (the checkpoint's)"
-                                                         if hint and Path(hint).is_dir() else ""))
+                            "prepared for this model")
         tokens = ds.split(split)
         if len(tokens) < 2:
             raise DataError(f"{data_dir}/{split}.bin holds {len(tokens)} token(s); at least 2 are needed")
@@ -277,11 +288,12 @@ class Evaluator:
             t0 = time.perf_counter()
             if key == "hellaswag":
                 out[key] = hellaswag_accuracy(self.scorer, params, inp, batch_size=self.batch_size,
-                                              block_size=self.block_size)
+                                              block_size=self.block_size, label=key)
             else:
                 out[key] = {**inp.info, "block_size": self.block_size, "stride": inp.stride,
                             **perplexity(self.scorer, params, inp.tokens, block_size=self.block_size,
-                                         stride=inp.stride, batch_size=self.batch_size, n_bytes=inp.n_bytes)}
+                                         stride=inp.stride, batch_size=self.batch_size, n_bytes=inp.n_bytes,
+                                         label=key)}
             out[key]["seconds"] = seconds = time.perf_counter() - t0
             unit = "examples" if key == "hellaswag" else "tokens"
             out[key][f"{unit}_per_sec"] = out[key][unit] / seconds if seconds > 0 else None
@@ -295,16 +307,20 @@ class Evaluator:
 
 
 def perplexity(scorer: Scorer, params: Any, tokens: np.ndarray, *, block_size: int, stride: int, batch_size: int,
-               n_bytes: int | None = None) -> dict:
+               n_bytes: int | None = None, label: str | None = None) -> dict:
     """Exact mean loss over every token of `tokens` after the first (1-D ints), each scored once with
     sliding windows (`data.sliding_windows`); the same result on every process.
 
     Returns {"tokens", "windows", "loss" (nats/token), "ppl", "bytes", "bpb" (None without n_bytes)}.
     batch_size: global windows per call, a multiple of the mesh's data x fsdp size.
+    label: when given, a progress line (`loggers.Progress`) under this name every few seconds.
     Raises DataError for fewer than 2 tokens or a stride outside 1 .. block_size.
     """
     local = np.zeros(2)  # this process's rows: summed nats, scored tokens
     windows, pending = 0, None
+    # windows start every stride tokens up to the one that ends at the last target (data.sliding_windows)
+    total = 1 + -(-max(0, len(tokens) - 1 - block_size) // stride)
+    progress = loggers.Progress(label, total, "windows") if label else None
 
     def read(out: jax.Array, counts: np.ndarray) -> np.ndarray:
         return sum((np.array([v.astype(np.float64).sum(), counts[rows].sum()]) for rows, v in local_rows(out)),
@@ -317,6 +333,8 @@ def perplexity(scorer: Scorer, params: Any, tokens: np.ndarray, *, block_size: i
         if pending is not None:  # read the previous batch while this one runs
             local += read(*pending)
         pending = (out, counts)
+        if progress:
+            progress.update(int((counts > 0).sum()))
     local += read(*pending)
     nats, n = gather_sum(local)
     loss = nats / n
@@ -326,12 +344,14 @@ def perplexity(scorer: Scorer, params: Any, tokens: np.ndarray, *, block_size: i
 
 
 def hellaswag_accuracy(scorer: Scorer, params: Any, examples: Sequence[hellaswag.Rendered], *, batch_size: int,
-                       block_size: int) -> dict:
+                       block_size: int, label: str | None = None) -> dict:
     """HellaSwag accuracies (acc, acc_norm_token, acc_norm_char; see nanogpt_jax/hellaswag.py) over
     rendered examples, batch_size examples (x 4 endings) per call; the same result on every process.
-    Returns {"examples", "row_lengths" (the padded lengths used), and each accuracy (a fraction)}."""
+    Returns {"examples", "row_lengths" (the padded lengths used), and each accuracy (a fraction)}.
+    label: when given, a progress line (`loggers.Progress`) under this name every few seconds."""
     local = np.zeros(1 + len(hellaswag.METRICS))  # this process's examples, then its correct counts
     pending, lengths = None, set()
+    progress = loggers.Progress(label, len(examples), "examples") if label else None
 
     def read(out: jax.Array, ids: np.ndarray) -> np.ndarray:
         total = np.zeros_like(local)
@@ -347,6 +367,8 @@ def hellaswag_accuracy(scorer: Scorer, params: Any, examples: Sequence[hellaswag
         if pending is not None:
             local += read(*pending)
         pending = (out, ids)
+        if progress:
+            progress.update(int((ids >= 0).sum()))
     if pending is not None:
         local += read(*pending)
     totals = gather_sum(local)
@@ -407,7 +429,8 @@ def run(config: ConfigDict, out: TextIO | None = None) -> dict:
 
     The report (a dict, also returned): `model` (source, checkpoint step, GPTConfig, parameters,
     tokenizer), `tasks` (per task: its metrics, what was scored, seconds, throughput), `metrics` (the
-    flat eval/<key>/<metric> names), `devices`, `processes`, `mesh`, `wall_seconds`, `config`. Process 0
+    flat eval/<key>/<metric> names), `devices`, `processes`, `mesh`, `wall_seconds`, `config` (the settings,
+    its model section the model that ran: a checkpoint's or HF folder's shape, not the config file's). Process 0
     writes it to eval.out (default out_dir/eval.json) and eval.md beside it.
 
     Raises UserError (one line) for bad input: config, checkpoint, data or text files.
@@ -416,6 +439,8 @@ def run(config: ConfigDict, out: TextIO | None = None) -> dict:
     if config.init_from == "scratch":
         raise ConfigError("init_from='scratch': nothing to evaluate; use resume (a training run's out_dir), a GPT-2 "
                           "name such as gpt2, or a Hugging Face folder")
+    if config.init_from != "resume" and "loss" in config.eval.tasks:
+        _check_loss_data(config.data.data_dir)  # before the weights are read
     from nanogpt_jax import sample  # sample -> train -> evaluate: imported here, not at the top
 
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -423,15 +448,18 @@ def run(config: ConfigDict, out: TextIO | None = None) -> dict:
     logging.info("evaluating %s (%s, %.2fM parameters) on %s", source.get("pretrained") or
                  f"{source['checkpoint']} step {source['step']}", model.config.dtype, model.num_params() / 1e6,
                  ", ".join(config.eval.tasks))
-    evaluator = Evaluator(config, model, mesh, tok, config.eval.tasks, data_dir_hint=source.get("data_dir"))
+    evaluator = Evaluator(config, model, mesh, tok, config.eval.tasks, data_dir=source.get("data_dir"))
     results = evaluator.run(params)
+    settings = json.loads(config.to_json())
+    # the weights fix the shape (a checkpoint's, an HF folder's): record the model that ran, not the config file's
+    settings["model"] = {k: getattr(model.config, k, v) for k, v in settings["model"].items()}
     report = {
         "model": {"source": source.get("pretrained") or config.init_from, **source,
                   "params": model.num_params(), "tokenizer": tok.name, "config": dataclasses.asdict(model.config)},
         "tasks": results, "metrics": flat_metrics(results), "batch_size": evaluator.batch_size,
         "devices": mesh.size, "processes": jax.process_count(), "mesh": dict(mesh.shape),
         "device_kind": jax.devices()[0].device_kind, "compilations": evaluator.scorer.jitted._cache_size(),
-        "wall_seconds": time.time() - t0, "config": json.loads(config.to_json()),
+        "wall_seconds": time.time() - t0, "config": settings,
     }
     if jax.process_index() == 0:
         json_path, md_path = write_report(report, config.eval.out or Path(config.out_dir) / "eval.json")

@@ -259,8 +259,12 @@ def _generate_jit(model: GPT, params: dict, idx_BT: Array, rng: Array, max_new_t
     return state.tokens_BN, state.finite
 
 
-_NONFINITE = ("non-finite logits (NaN or inf) while generating: the parameters or the activations overflowed; "
-              "check the checkpoint, or use float32 instead of {dtype}")
+def _nonfinite(dtype: str) -> str:
+    """The message for NaN or inf logits; float32 is suggested only to a model that does not run in it."""
+    fix = "the parameters may hold NaN or inf: check the checkpoint"
+    if dtype != "float32":
+        fix += f", or compute in float32 instead of {dtype} (--config.model.dtype=float32)"
+    return "non-finite logits (NaN or inf) while generating: the parameters or the activations overflowed; " + fix
 
 
 def generate(
@@ -306,7 +310,7 @@ def generate(
         return idx_BT
     tokens_BN, finite = _generate_jit(model, params, idx_BT, rng, max_new_tokens, sampling)
     if not bool(finite):
-        raise FloatingPointError(_NONFINITE.format(dtype=model.config.dtype))
+        raise FloatingPointError(_nonfinite(model.config.dtype))
     return tokens_BN
 
 
@@ -348,7 +352,7 @@ def _stream(model: GPT, params: dict, idx_BT: Array, max_new_tokens: int, rng: A
     n_cached = _n_cached(model.config.block_size, T, max_new_tokens)
     for i in range(1, max_new_tokens + 1):
         if not bool(state.finite):
-            raise FloatingPointError(_NONFINITE.format(dtype=model.config.dtype))
+            raise FloatingPointError(_nonfinite(model.config.dtype))
         yield np.asarray(tok_B)
         if i == max_new_tokens or bool(jnp.all(state.done_B)):
             return

@@ -108,6 +108,41 @@ class _Console:
         pass
 
 
+PROGRESS_SECONDS = 10.0  # at most one progress line this often
+
+
+class Progress:
+    """A line every PROGRESS_SECONDS (by the clock, not per batch) about long work, on process 0:
+    'hellaswag: 120/10042 examples, 14.2 examples/s, eta 11m02s'.
+
+        progress = Progress("hellaswag", total=len(examples), unit="examples")
+        for batch in batches:
+            ...
+            progress.update(len(batch))   # logs when PROGRESS_SECONDS have passed since the last line
+
+    The rate counts from the start, so the first lines include compilation (the eta falls after).
+    """
+
+    def __init__(self, what: str, total: int, unit: str, clock: Callable[[], float] = time.monotonic):
+        self.what, self.total, self.unit, self.clock = what, total, unit, clock
+        self.done = 0
+        self.t0 = self.last = clock()
+
+    def update(self, n: int, note: str = "") -> str | None:
+        """Count `n` more units done; returns the line when one was logged (else None)."""
+        self.done += n
+        now = self.clock()
+        if now - self.last < PROGRESS_SECONDS or jax.process_index() != 0:
+            return None
+        self.last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        left = max(self.total - self.done, 0)
+        line = (f"{self.what}: {self.done:,}/{self.total:,} {self.unit}, {rate:.1f} {self.unit}/s, "
+                f"eta {_duration(left / rate) if rate > 0 else '?'}" + (f" ({note})" if note else ""))
+        logging.info("%s", line)
+        return line
+
+
 # ---- CSV ----------------------------------------------------------------------------------------
 
 

@@ -33,8 +33,9 @@ def load_model(config: ConfigDict, mesh: jax.sharding.Mesh | None = None,
     mesh: None puts the parameters on the default device; a mesh places each one in its sharding
     there as it is read (every process reads its own shards: what multi-host evaluation needs).
     checkpoint: with init_from=resume, "latest" or "best" (default: config.sample.checkpoint).
-    The description holds `pretrained`, or `checkpoint` (folder), `step` and `data_dir` (the data
-    the run trained on).
+    The description holds `pretrained`, or `checkpoint` (folder), `step` and `data_dir`: the
+    folder of the tokenizer (and of run_eval's loss task), by `data.find_data_dir`'s rule:
+    data.data_dir when given explicitly, else the one the run trained on.
     """
     init = config.init_from
     dtype = config_lib.resolve_dtype(config.model.dtype)
@@ -50,7 +51,14 @@ def load_model(config: ConfigDict, mesh: jax.sharding.Mesh | None = None,
             raise CheckpointError(f"init_from=resume: no {which} checkpoint in {ckpt.directory}; "
                                   "train first (run_train.py) or check --config.out_dir")
         record = ckpt.record(step)
+        # the tokenizer's folder before any weight is read: data.data_dir if given, else the run's own
+        data_dir = str(data.find_data_dir(config.data.data_dir, record.get("data_dir")))
+        tok = data.tokenizer_for(data_dir)
         model = GPT(GPTConfig(**{**record["model"], **options, "dropout": 0.0, "remat": "none"}))
+        if record.get("tokenizer") not in (None, tok.name) or tok.n_vocab > model.config.vocab_size:
+            raise CheckpointError(f"{data_dir}'s {tok.n_vocab}-token {tok.name} tokenizer is not the checkpoint's "
+                                  f"({record.get('tokenizer')}, vocab_size {model.config.vocab_size}); pass the data "
+                                  "it was trained on as --config.data.data_dir")
         if mesh is None:
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shards = jax.tree.map(lambda _: device, jax.eval_shape(lambda: init_params(model, jax.random.key(0))))
@@ -59,17 +67,6 @@ def load_model(config: ConfigDict, mesh: jax.sharding.Mesh | None = None,
         abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                 jax.eval_shape(lambda: init_params(model, jax.random.key(0))), shards)
         params, record = ckpt.restore_params(abstract, step)
-        data_dir = record["data_dir"]
-        if not Path(data_dir).is_dir() and Path(config.data.data_dir).is_dir():
-            # a relative path recorded by a run started elsewhere: the config's data has the tokenizer
-            logging.warning("the checkpoint's data_dir %s is not here; reading the tokenizer from data.data_dir=%s",
-                            data_dir, config.data.data_dir)
-            data_dir = config.data.data_dir
-        tok = data.tokenizer_for(data_dir)
-        if record.get("tokenizer") not in (None, tok.name) or tok.n_vocab > model.config.vocab_size:
-            raise CheckpointError(f"{data_dir}'s {tok.n_vocab}-token {tok.name} tokenizer is not the checkpoint's "
-                                  f"({record.get('tokenizer')}, vocab_size {model.config.vocab_size}); pass the data "
-                                  "it was trained on as --config.data.data_dir")
         return model, params, tok, {"checkpoint": str(ckpt.directory), "step": step, "data_dir": data_dir}
     from nanogpt_jax import convert
 

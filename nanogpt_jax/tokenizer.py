@@ -93,7 +93,7 @@ class CharTokenizer:
     """One id per character, ids in the order of `chars` (nanoGPT's shakespeare_char: sorted).
 
     Raises DataError when `chars` is empty or holds a repeated or multi-character entry, and when
-    encoding a character outside the vocabulary (the message names it).
+    encoding characters outside the vocabulary (the message names every one of them).
     """
 
     name = "char"
@@ -120,9 +120,11 @@ class CharTokenizer:
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         pos = np.minimum(np.searchsorted(self._codes, codes), self.n_vocab - 1)
         bad = self._codes[pos] != codes
-        if bad.any():
-            ch = chr(int(codes[np.argmax(bad)]))
-            raise DataError(f"character {ch!r} is not in this {self.n_vocab}-character vocabulary; "
+        if bad.any():  # name every unknown character once, in order of first appearance
+            unknown = [chr(int(c)) for c in dict.fromkeys(codes[bad].tolist())]
+            listed = ", ".join(repr(c) for c in unknown)
+            what = f"character {listed} is" if len(unknown) == 1 else f"characters {listed} are"
+            raise DataError(f"{what} not in this {self.n_vocab}-character vocabulary; "
                             "use only characters of the training data")
         return self._ids[pos]
 
@@ -140,6 +142,16 @@ class CharTokenizer:
     def meta(self) -> dict:
         return {"tokenizer": self.name, "vocab_size": self.n_vocab, "dtype": dtype_for(self.n_vocab),
                 "eot_token": None, "chars": self.chars}
+
+
+def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether ids mean the same text to both: the same kind, size and (char) characters in the same order."""
+    return a.name == b.name and a.n_vocab == b.n_vocab and getattr(a, "chars", None) == getattr(b, "chars", None)
+
+
+def describe(name: str, n_vocab: int) -> str:
+    """A vocabulary in words, for messages: "GPT-2's 50257-token BPE", "a 65-token char vocabulary"."""
+    return f"GPT-2's {n_vocab}-token BPE" if name == "gpt2" else f"a {n_vocab}-token {name} vocabulary"
 
 
 _GPT2: GPT2Tokenizer | None = None

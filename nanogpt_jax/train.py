@@ -299,6 +299,7 @@ class _Run:
         B, A = c.train.batch_size, c.train.gradient_accumulation_steps
         sharding.check_batch_size(B, sharding.batch_divisor(mesh))
         meta = data.load_meta(c.data.data_dir)
+        data.check_init_vocabulary(c.init_from, c.data.data_dir, meta)
         check_out_dir_writable(c.out_dir)
         self.out_dir = Path(c.out_dir)
         self.resume_step = resume_step

@@ -152,6 +152,22 @@ def test_generate_mode(token_data, tmp_path):
         assert r["decode_tokens_per_s_all_rows"] == pytest.approx(2 * r["decode_tokens_per_s"])
         assert r["ms_per_token"] == pytest.approx(1e3 / r["decode_tokens_per_s"]) and r["compile_s"] > 0
     assert "| KV cache |" in report.markdown(result)
+    assert {r["settings"]["weights"] for r in result["rows"]} == {"random (init_from=scratch)"}
+
+
+def test_generate_mode_benchmarks_the_model_init_from_names(token_data, tmp_path, tiny_config, tiny_params):
+    from nanogpt_jax import convert
+
+    folder = tmp_path / "hf"  # tiny_config's 2 x 32 weights (vocab 97), not configs/tiny.py's shape
+    convert.export_hf(tiny_config, tiny_params, folder)
+    config = bench_config(token_data, tmp_path, **{"bench.mode": "generate", "bench.batch_sizes": (1,),
+                                                   "bench.steps": 1, "bench.warmup": 0, "sample.max_new_tokens": 2,
+                                                   "init_from": str(folder)})
+    result = bench.run(config)
+    for row in result["rows"]:
+        s = row["settings"]
+        assert (s["weights"], s["model"], s["vocab_size"], s["block_size"]) == (str(folder), "2x2x32", 97, 16)
+    assert f"| {folder} |" in report.markdown(result)
 
 
 @pytest.mark.parametrize("with_data", [True, False])

@@ -143,6 +143,35 @@ def test_bad_data_dirs(tmp_path, folder):
     bad(lambda: data.load_meta(folder), "dtype 'int8'")
 
 
+def test_pretrained_gpt2_weights_on_another_vocabulary_are_refused_before_anything_is_written(tmp_path):
+    from conftest import tiny_run_config, write_token_data
+
+    from nanogpt_jax.train import train
+
+    chars = write_token_data(tmp_path / "chars", vocab_size=65, n_train=200, n_val=100)  # shakespeare_char's size
+    meta = data.load_meta(chars)
+    hf = tmp_path / "hf"  # config.json alone: the check reads nothing else
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 50257, "n_positions": 32,
+                                                "n_layer": 1, "n_head": 2, "n_embd": 16}))
+    for init in ("gpt2", str(hf)):
+        bad(lambda init=init: data.check_init_vocabulary(init, chars, meta),
+            rf"init_from={init}: .*weights are for GPT-2's 50257-token BPE, but data.data_dir={chars} is tokenized "
+            r"with a 65-token char vocabulary")
+    gpt2_meta = {"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16"}
+    for init, m in (("gpt2-xl", gpt2_meta), (str(hf), gpt2_meta), ("scratch", meta), ("resume", meta)):
+        data.check_init_vocabulary(init, chars, m)  # fine
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 65}))  # e.g. an exported char run
+    data.check_init_vocabulary(str(hf), chars, meta)
+    # through the trainer: refused at start-up, before out_dir is created or any weight is read
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 50304}))
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"vocab_size 50304\) weights are for GPT-2's 50257-token BPE, but .* "
+                                        r"65-token char vocabulary"):
+        train(tiny_run_config(chars, out, init_from=str(hf)))
+    assert not out.exists()
+
+
 def test_vocab_and_block_size_checks(tmp_path, folder):
     bad(lambda: data.Dataset(folder, block_size=8, model_vocab_size=65),
         r"vocab_size=50257 \(gpt2\) does not fit the model's vocab_size=65; set model.vocab_size >= 50257")

@@ -180,6 +180,41 @@ def test_bad_inputs_in_process(tiny_run, token_data, tmp_path):
     assert not (tmp_path / "e.json").exists()  # nothing written on a failure
 
 
+def test_eval_and_sample_find_a_runs_data_by_one_rule(tiny_run, token_data, tmp_path, monkeypatch):
+    """The checkpoint's recorded data folder unless data.data_dir is given (not the default); both tools agree."""
+    import shutil
+
+    from nanogpt_jax import data, sample
+
+    monkeypatch.chdir(tmp_path)  # no data/openwebtext here: the default names nothing
+    c = tiny_run_config(data.DEFAULT_DATA_DIR, tiny_run, init_from="resume", **{"eval.out": str(tmp_path / "e.json")})
+    report = evaluate.run(c)  # the default data_dir: the run's own data (token_data) is found
+    assert report["tasks"]["loss/val"]["data_dir"] == report["model"]["data_dir"] == str(token_data.resolve())
+    assert sample.load_model(c)[3]["data_dir"] == str(token_data.resolve())
+    copy = shutil.copytree(token_data, tmp_path / "copy")  # the same vocabulary in another folder, given explicitly
+    c.data.data_dir = str(copy)
+    assert evaluate.run(c)["tasks"]["loss/val"]["data_dir"] == str(copy) == sample.load_model(c)[3]["data_dir"]
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["chars"] = meta["chars"][::-1]  # as many characters, other ids: the run's text would come out garbled
+    (copy / "meta.json").write_text(json.dumps(meta))
+    for fn in (evaluate.run, sample.load_model):
+        with pytest.raises(DataError, match=rf"{copy}.* 64-token char vocabulary, but the checkpoint was trained on "
+                                            rf"{token_data.resolve()}"):
+            fn(c)
+
+
+def test_an_hf_folder_without_data_is_told_to_pick_tasks_before_loading(hf_folder, tmp_path, monkeypatch):
+    from nanogpt_jax import data, sample
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sample, "load_model", lambda *a, **k: pytest.fail("weights read before the data check"))
+    c = tiny_run_config(data.DEFAULT_DATA_DIR, tmp_path, init_from=str(hf_folder[0]))
+    with pytest.raises(DataError, match=r"data.data_dir='data/openwebtext', which does not exist; choose eval.tasks "
+                                        r"that need no data folder \(text, wikitext2, hellaswag\)") as e:
+        evaluate.run(c)
+    assert "data_prep/openwebtext.py" not in str(e.value)
+
+
 def test_text_task_scores_a_file_like_its_tokens(tiny_run, token_data, tmp_path):
     text = "".join(chr(0x41 + i) for i in np.random.default_rng(1).integers(0, 64, 300))
     (tmp_path / "story.txt").write_text(text)
@@ -290,3 +325,25 @@ def test_an_hf_folder_on_text_and_hellaswag_matches_transformers_loss(hf_folder,
     assert hs["examples"] == 5 and set(report["metrics"]) >= {"eval/hellaswag/acc", "eval/hellaswag/acc_norm_token",
                                                              "eval/hellaswag/acc_norm_char"}
     assert report["model"]["source"] == str(folder) and report["model"]["tokenizer"] == "gpt2"
+    # the model that ran (the folder's 1 x 16 shape), not configs/tiny.py's 2 x 32, wherever the report says
+    for shape in (report["model"]["config"], report["config"]["model"]):
+        assert (shape["n_layer"], shape["n_embd"], shape["vocab_size"]) == (1, 16, 50257)
+
+
+def test_wikitext2_and_hellaswag_are_capped_by_max_examples_and_show_progress(hf_folder, tmp_path, monkeypatch,
+                                                                              caplog):
+    import logging
+
+    from nanogpt_jax import loggers
+
+    monkeypatch.setattr(loggers, "PROGRESS_SECONDS", 0.0)  # a line at every batch, so this short run shows them
+    c = tiny_run_config(tmp_path / "no-data", tmp_path, **{
+        "init_from": str(hf_folder[0]), "eval.tasks": ("wikitext2", "hellaswag"), "eval.max_examples": 3,
+        "eval.cache_dir": str(tmp_path / "cache"), "eval.out": str(tmp_path / "r.json")})
+    with caplog.at_level(logging.INFO):
+        report = evaluate.run(c)
+    wiki = report["tasks"]["wikitext2"]
+    # 3 windows of 32 tokens every 16 (stride block_size // 2): the first scores 32 targets, the others 16 each
+    assert (wiki["windows"], wiki["stride"], wiki["tokens"], wiki["max_windows"]) == (3, 16, 64, 3)
+    assert report["tasks"]["hellaswag"]["examples"] == 3
+    assert "wikitext2: 3/3 windows" in caplog.text and "hellaswag: 3/3 examples" in caplog.text

@@ -235,5 +235,9 @@ def test_nan_params_raise(model, tiny_params):
     idx = prompt(model.config, 2, 6)
     with pytest.raises(FloatingPointError, match="non-finite logits"):
         generate(model, params, idx, 14, temperature=0)  # the greedy test's compiled loop
-    with pytest.raises(FloatingPointError, match="non-finite logits"):
+    with pytest.raises(FloatingPointError, match="non-finite logits") as e:
         next(iter(stream(model, params, idx, 4)))
+    assert model.config.dtype == "float32" and "instead of" not in str(e.value)  # no "float32 instead of float32"
+    half = GPT(dataclasses.replace(model.config, dtype="bfloat16"))
+    with pytest.raises(FloatingPointError, match="compute in float32 instead of bfloat16"):
+        generate(half, params, idx, 4, temperature=0)

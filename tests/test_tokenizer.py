@@ -34,6 +34,10 @@ def test_char_errors_name_the_problem():
     tok = tokenizer.CharTokenizer(list("abc"))
     with pytest.raises(DataError, match=r"character 'z' is not in this 3-character vocabulary"):
         tok.encode("abz")
+    with pytest.raises(DataError, match=r"characters 'z', 'é', '!' are not in this 3-character vocabulary"):
+        tok.encode("azbéz!a")  # every unknown one, once, in order
+    with pytest.raises(ValueError):  # an API user's usual catch works: the library's input errors are ValueErrors
+        tok.encode("hello")
     with pytest.raises(DataError, match="token id 3 is outside"):
         tok.decode([0, 3])
     with pytest.raises(DataError, match="token id -1 is outside"):

@@ -3,7 +3,8 @@
     train     the config's jitted train step: compile time, ms/step (median, p10, p90), tokens/s,
               tokens/s per device, MFU, memory (nanogpt_jax.bench.train)
     generate  prefill ms and decode tokens/s, batch 1 and 8, float32 and bfloat16, with and without
-              the KV cache (nanogpt_jax.bench.generate)
+              the KV cache, of the model init_from names (random weights with scratch)
+              (nanogpt_jax.bench.generate)
     data      the training loader's batches/s and host ms per batch (nanogpt_jax.bench.data)
     profile   a jax.profiler trace of a few train steps into <out_dir>/profile and the operations
               that take the most time (nanogpt_jax.bench.profile)

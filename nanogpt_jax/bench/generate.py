@@ -12,8 +12,10 @@ padding after the newest token changes nothing), so it measures what the cache s
 overhead. A memory-bound bound for batch 1: every weight is read once per token, so tokens/s is at
 most memory bandwidth / (4 bytes x parameters) in float32.
 
-`run_bench.py --config.bench.mode=generate` runs `bench_rows(config)`: the config's model shape
-(random weights), float32 and bfloat16, batch sizes bench.batch_sizes (default 1 and 8) with the
+`run_bench.py --config.bench.mode=generate` runs `bench_rows(config)`: the model `init_from` names,
+loaded as run_sample.py loads it (`sample.load_model`: out_dir's checkpoint with resume, a GPT-2 name
+or an HF folder), or with init_from=scratch the config's model shape with random weights (the
+report's `weights` column says which), float32 and bfloat16, batch sizes bench.batch_sizes (default 1 and 8) with the
 KV cache and the smallest one without it; bench.warmup untimed and bench.steps timed calls per
 case. The prompt is min(32, block_size // 4) random tokens, followed by min(sample.max_new_tokens,
 block_size - prompt) new tokens (inside the context: the cached path). prefill_ms is the prompt's
@@ -32,8 +34,10 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from nanogpt_jax import generate as gen
+from nanogpt_jax import loggers
 from nanogpt_jax.model import GPT, GPTConfig, init_params
 
 CASES = {  # name: (batch size, dtype, how): generate's jitted loop, stream's step per call, or no cache
@@ -135,35 +139,48 @@ def bench_rows(config) -> list[dict]:
     from nanogpt_jax import config as config_lib
     from nanogpt_jax.bench.train import model_vocab_size
 
-    vocab = model_vocab_size(config)
-    base = config_lib.gpt_config(config, **({"vocab_size": vocab} if vocab else {}))
+    if config.init_from == "scratch":
+        vocab = model_vocab_size(config)
+        base = config_lib.gpt_config(config, **({"vocab_size": vocab} if vocab else {}))
+        params = jax.jit(functools.partial(init_params, GPT(base)))(jax.random.key(config.seed))
+        weights = "random (init_from=scratch)"
+        logging.info("generate: random weights of the config's shape (init_from=scratch)")
+    else:  # the model the user would sample from, the way run_sample.py loads it
+        from nanogpt_jax import sample
+
+        model, params, _, source = sample.load_model(config)
+        base = dataclasses.replace(model.config, remat="none")
+        weights = source.get("pretrained") or f"{source['checkpoint']} step {source['step']}"
+        params = jax.tree.map(lambda x: x.astype(jnp.float32), params)  # each case casts to its own dtype
     prompt_len = max(1, min(PROMPT_LEN, base.block_size // 4))
     new = max(2, min(config.sample.max_new_tokens, base.block_size - prompt_len))
     sizes = tuple(config.bench.batch_sizes) or (1, 8)
-    params = jax.jit(functools.partial(init_params, GPT(base)))(jax.random.key(config.seed))
     steps, warmup = config.bench.steps, config.bench.warmup
     rows = []
-    for dtype in ("float32", "bfloat16"):
+    cases = [(dtype, b, how) for dtype in ("float32", "bfloat16")
+             for b, how in [(b, "generate") for b in sizes] + [(min(sizes), "nocache")]]
+    progress = loggers.Progress("generate", len(cases), "cases")
+    for dtype, batch_size, how in cases:
         cfg = dataclasses.replace(base, dtype=dtype)
-        for batch_size, how in [(b, "generate") for b in sizes] + [(min(sizes), "nocache")]:
-            r = bench_case(cfg, params, batch_size, how, prompt_len, new, steps, warmup=warmup)
-            call_s = statistics.median(r["times_s"])
-            prefill_ms = None
-            if how == "generate":
-                idx_BT = jax.random.randint(jax.random.key(1), (batch_size, prompt_len), 0, cfg.vocab_size, jnp.int32)
-                _, prefill_s = time_prefill(cfg, params, idx_BT, new, steps)
-                prefill_ms = prefill_s * 1e3
-                decode = (new - 1) / max(call_s - prefill_s, 1e-9)  # the tokens after the prefill's
-            else:
-                decode = new / call_s  # every token is a full forward: no prefill apart
-            settings = {"model": f"{cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}", "params": cfg.num_params(),
-                        "vocab_size": cfg.vocab_size, "batch_size": batch_size, "dtype": dtype,
-                        "kv_cache": how == "generate", "prompt_len": prompt_len, "new_tokens": new,
-                        "block_size": cfg.block_size}
-            results = {"compile_s": r["compile_s"], "prefill_ms": prefill_ms, "decode_tokens_per_s": decode,
-                       "decode_tokens_per_s_all_rows": decode * batch_size, "ms_per_token": 1e3 / decode,
-                       "call_s": call_s, "times_s": r["times_s"]}
-            rows.append({"settings": settings, "results": results})
+        r = bench_case(cfg, params, batch_size, how, prompt_len, new, steps, warmup=warmup)
+        call_s = statistics.median(r["times_s"])
+        prefill_ms = None
+        if how == "generate":
+            idx_BT = jax.random.randint(jax.random.key(1), (batch_size, prompt_len), 0, cfg.vocab_size, jnp.int32)
+            _, prefill_s = time_prefill(cfg, params, idx_BT, new, steps)
+            prefill_ms = prefill_s * 1e3
+            decode = (new - 1) / max(call_s - prefill_s, 1e-9)  # the tokens after the prefill's
+        else:
+            decode = new / call_s  # every token is a full forward: no prefill apart
+        settings = {"model": f"{cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}", "weights": weights,
+                    "params": cfg.num_params(), "vocab_size": cfg.vocab_size, "batch_size": batch_size, "dtype": dtype,
+                    "kv_cache": how == "generate", "prompt_len": prompt_len, "new_tokens": new,
+                    "block_size": cfg.block_size}
+        results = {"compile_s": r["compile_s"], "prefill_ms": prefill_ms, "decode_tokens_per_s": decode,
+                   "decode_tokens_per_s_all_rows": decode * batch_size, "ms_per_token": 1e3 / decode,
+                   "call_s": call_s, "times_s": r["times_s"]}
+        rows.append({"settings": settings, "results": results})
+        progress.update(1, f"{dtype}, batch {batch_size}, {'KV cache' if how == 'generate' else 'no cache'}")
     return rows
 
 

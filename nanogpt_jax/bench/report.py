@@ -235,7 +235,8 @@ COLUMNS: dict[str, list[Column]] = {
                 ("share", "share", _pct)],
     "profile_sources": [("jax op (all layers)", "source", str), ("ops", "ops", str),
                         ("ms/step", "ms_per_step", _num(2)), ("share", "share", _pct)],
-    "generate": [("model", "model", str), ("batch", "batch_size", str), ("dtype", "dtype", str),
+    "generate": [("model", "model", str), ("weights", "weights", str), ("batch", "batch_size", str),
+                 ("dtype", "dtype", str),
                  ("KV cache", "kv_cache", lambda v: "yes" if v else "no"), ("prompt", "prompt_len", str),
                  ("new", "new_tokens", str), ("compile s", "compile_s", _num(1)), ("prefill ms", "prefill_ms", _num(1)),
                  ("decode tok/s", "decode_tokens_per_s", _num(1)), ("ms/token", "ms_per_token", _num(2)),
@@ -296,7 +297,8 @@ def markdown(report: dict) -> str:
 # ---- compare ---------------------------------------------------------------------------------
 
 
-_NOT_MATCHED = ("data_dir",)  # settings that name a place, not the work done
+# settings that name a place or the weights' values, not the work done
+_NOT_MATCHED = ("data_dir", "weights")
 
 
 def _key(row: dict) -> str:
