@@ -18,8 +18,8 @@ import os
 import signal
 import statistics
 import time
-from dataclasses import asdict
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
