@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.train.keep_checkpoints = 2  # latest checkpoints kept (the best one is kept as well)
     c.train.max_skipped = 10  # consecutive non-finite steps tolerated before the run stops
     c.train.eval_tasks = ()  # run_eval tasks to run at every evaluation, e.g. ("hellaswag",)
-    c.train.eval_only = False  # evaluate the initial model and exit
+    c.train.eval_only = False  # evaluate the initial (or resumed) model on the fixed batches, print, write nothing
 
     c.optim = config_dict.ConfigDict()
     c.optim.learning_rate = 6e-4  # peak learning rate

@@ -84,7 +84,8 @@ def check_run_folder(config: ConfigDict) -> int | None:
         CheckpointError: init_from=resume and out_dir has no checkpoint.
         UserError: a new run (init_from scratch or pretrained weights) into a folder that holds a
             run (checkpoints or logs): its files would be mixed with or replaced by the new run's.
-        NothingToTrain: init_from=resume and the latest checkpoint is at or past train.max_iters.
+        NothingToTrain: init_from=resume and the latest checkpoint is at or past train.max_iters
+            (and train.eval_only is off).
     """
     out = Path(config.out_dir)
     ckpt_dir = checkpoint_dir(out)
@@ -93,7 +94,7 @@ def check_run_folder(config: ConfigDict) -> int | None:
         if not steps:
             raise CheckpointError(f"init_from=resume: no checkpoint in {ckpt_dir}; train first or set "
                                   "--config.init_from=scratch")
-        if steps[-1] >= config.train.max_iters:
+        if steps[-1] >= config.train.max_iters and not config.train.eval_only:
             raise NothingToTrain(out, steps[-1], config.train.max_iters)
         return steps[-1]
     held = [f"checkpoint step {steps[-1]}"] if steps else []
@@ -342,7 +343,18 @@ class _Run:
         self.t_last = time.perf_counter()
 
     def open_outputs(self) -> None:
-        """Create out_dir, its checkpointer and its logs: the run has shown it can step."""
+        """Create out_dir, its checkpointer and its logs: the run has shown it can step.
+        With train.eval_only only the console is opened: an evaluation writes no run folder."""
+        c = self.config
+        if c.train.eval_only:
+            self.logger = loggers.MetricLogger(self.out_dir, tensorboard=False, csv=False, console=True)
+        else:
+            self._open_files()
+        for step, row in self.pending_rows:
+            self.logger.log(step, row)
+        self.pending_rows.clear()
+
+    def _open_files(self) -> None:
         c = self.config
         if jax.process_index() == 0:
             prepare_out_dir(self.out_dir)
@@ -351,9 +363,6 @@ class _Run:
         self.logger = loggers.MetricLogger(self.out_dir, tensorboard=c.log.tensorboard, csv=c.log.csv,
                                            wandb_project=c.log.wandb_project, config=c.to_dict(),
                                            resume_step=self.resume_step, total_steps=c.train.max_iters)
-        for step, row in self.pending_rows:
-            self.logger.log(step, row)
-        self.pending_rows.clear()
 
     def log(self, step: int, row: dict) -> None:
         if self.logger is None:
@@ -431,7 +440,7 @@ class _Run:
                     self.read_back(pending)
                     pending = None
                     self.evaluate()
-                if self.step >= max_iters or stop.requested(self.step):
+                if self.step >= max_iters or self.config.train.eval_only or stop.requested(self.step):
                     break
                 _, x, y = next(prefetch)
                 self.state, step_metrics = self.train_fn(self.state, x, y)  # dispatched, not finished
@@ -471,7 +480,8 @@ class _Run:
         }
         if ms:
             summary["mfu"] = metrics.mfu(self.flops_per_token, summary["tokens_per_sec"], self.mesh.size, self.peak)
-        if jax.process_index() == 0 and self.logger is not None:  # None: stopped before anything was written
+        # nothing was written (stopped before the first step) or nothing may be (an eval_only run)
+        if jax.process_index() == 0 and self.logger is not None and not self.config.train.eval_only:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             if self.config.log.csv and self.last.get("val_loss") is not None:
                 loggers.plot_loss(self.out_dir / "metrics.csv", self.out_dir / "loss.png")

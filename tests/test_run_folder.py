@@ -252,3 +252,16 @@ print("never seen", flush=True)
     assert done.returncode == 1 and "seen by check()" in done.stdout, done.stdout + done.stderr[-3000:]
     assert re.search(r"^error: saving checkpoint step 2 to .* failed", done.stderr, re.M), done.stderr[-3000:]
     assert (tmp_path / "ck" / "1").is_dir() and not (tmp_path / "ck" / "2").exists()
+
+
+def test_eval_only_evaluates_and_writes_nothing(token_data, finished_run, tmp_path):
+    out = tmp_path / "new"
+    summary = train(tiny_run_config(token_data, out, **{"train.eval_only": True}))
+    assert summary["iterations"] == 0 and summary["val_loss"] > 3.0  # the random initial model
+    assert not out.exists()
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = snapshot(run)
+    resumed = train(tiny_run_config(token_data, run, init_from="resume", **{"train.eval_only": True}))
+    assert resumed["iterations"] == 20 and resumed["val_loss"] < summary["val_loss"] - 0.5  # the trained model
+    assert snapshot(run) == before
