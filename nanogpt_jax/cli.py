@@ -26,7 +26,7 @@ from ml_collections import ConfigDict, config_flags
 
 from nanogpt_jax import distributed
 from nanogpt_jax.config import validate
-from nanogpt_jax.errors import UserError, fail
+from nanogpt_jax.errors import UserError, fail, out_of_memory_is_a_user_error
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/owt.py or configs/owt.py:gpt2-medium; override keys with "
@@ -128,6 +128,12 @@ def _fail_without_waiting(message: str, grace_seconds: float = 5.0) -> None:
     fail(message)
 
 
+# For entry points without advice of their own (run_train.py's names the run's exact values)
+_MEMORY_ADVICE = ("lower the batch size this command uses (train.batch_size or bench.batch_sizes, eval.batch_size, "
+                  "sample.num_samples) or model.block_size, or set model.remat=full or shard with mesh.fsdp; size a "
+                  "training step first: python -m nanogpt_jax.memory --config <this config>")
+
+
 def main(fn: Callable[[ConfigDict], object]) -> None:
     """Run `fn(config)` as an absl app with one-line errors for bad input."""
 
@@ -139,7 +145,8 @@ def main(fn: Callable[[ConfigDict], object]) -> None:
         try:
             config = load_config()
             distributed.initialize(config)  # multi-host runs and the compile cache, before any device is used
-            fn(config)
+            with out_of_memory_is_a_user_error(_MEMORY_ADVICE):
+                fn(config)
         except UserError as e:
             _fail_without_waiting(str(e))
         except KeyboardInterrupt:

@@ -10,6 +10,8 @@ library catches them the usual way: `except ValueError` catches an unknown chara
 (`DataError`) as it catches a bad config value (`ConfigError`).
 """
 
+import contextlib
+from collections.abc import Iterator
 from typing import NoReturn
 
 
@@ -27,6 +29,26 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A missing, truncated or incompatible checkpoint or weights file."""
+
+
+class OutOfMemoryError(UserError):
+    """XLA ran out of device memory (RESOURCE_EXHAUSTED) compiling or running a step."""
+
+
+@contextlib.contextmanager
+def out_of_memory_is_a_user_error(advice: str) -> Iterator[None]:
+    """Turn XLA's RESOURCE_EXHAUSTED (a TPU at compile time, a GPU or CPU at the first step) into
+    `OutOfMemoryError("out of device memory (<XLA's first line>); <advice>")`: a shape too large for
+    the device is bad input, not a bug. Other runtime errors pass through unchanged."""
+    import jax
+
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        first = " ".join(str(e).split("\n", 1)[0].split())[:200]
+        raise OutOfMemoryError(f"out of device memory ({first}); {advice}") from None
 
 
 def fail(message: str) -> NoReturn:

@@ -11,14 +11,12 @@ keys are pure functions of (seed, step), so a resumed run repeats what the inter
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import signal
 import statistics
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from ml_collections import ConfigDict
 from nanogpt_jax import config as config_lib
 from nanogpt_jax import data, distributed, evaluate, loggers, metrics, sharding
 from nanogpt_jax.checkpoint import Checkpointer
-from nanogpt_jax.errors import CheckpointError, UserError
+from nanogpt_jax.errors import CheckpointError, UserError, out_of_memory_is_a_user_error
 from nanogpt_jax.model import GPT, GPTConfig
 from nanogpt_jax.optim import OptimConfig, make_optimizer
 from nanogpt_jax.step import TrainState, abstract_state, init_state, make_eval_step, make_train_step, param_shardings
@@ -83,13 +81,20 @@ def check_run_folder(config: ConfigDict) -> int | None:
     Raises:
         CheckpointError: init_from=resume and out_dir has no checkpoint.
         UserError: a new run (init_from scratch or pretrained weights) into a folder that holds a
-            run (checkpoints or logs): its files would be mixed with or replaced by the new run's.
+            run (checkpoints or logs): its files would be mixed with or replaced by the new run's;
+            or a folder with the logs of a run that never saved a checkpoint (killed early).
         NothingToTrain: init_from=resume and the latest checkpoint is at or past train.max_iters
             (and train.eval_only is off).
     """
     out = Path(config.out_dir)
     ckpt_dir = checkpoint_dir(out)
     steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
+    logs = [name for name in RUN_FILES if (out / name).exists()]
+    if logs and not steps:  # a run stopped (killed) before its first checkpoint: nothing to resume, logs to keep
+        raise UserError(
+            f"out_dir {str(out)!r} holds the logs of a run that saved no checkpoint ({', '.join(logs)}); "
+            f"it cannot be resumed: delete the folder (rm -r {out}) to start it again, or choose a new "
+            "--config.out_dir")
     if config.init_from == "resume":
         if not steps:
             raise CheckpointError(f"init_from=resume: no checkpoint in {ckpt_dir}; train first or set "
@@ -98,7 +103,7 @@ def check_run_folder(config: ConfigDict) -> int | None:
             raise NothingToTrain(out, steps[-1], config.train.max_iters)
         return steps[-1]
     held = [f"checkpoint step {steps[-1]}"] if steps else []
-    held += [name for name in RUN_FILES if (out / name).exists()]
+    held += logs
     if held:
         raise UserError(
             f"out_dir {str(out)!r} already holds a run ({', '.join(held)}); continue it with "
@@ -248,7 +253,7 @@ def train(config: ConfigDict) -> dict:
         resume_step = check_run_folder(config)
     except NothingToTrain as done:
         return _nothing_to_train(done)
-    with _out_of_memory_is_a_user_error(config):
+    with out_of_memory_is_a_user_error(_memory_advice(config)):
         run = _Run(config, resume_step)
         try:
             run.loop()
@@ -267,22 +272,13 @@ def _nothing_to_train(done: NothingToTrain) -> dict:
         return {"iterations": done.step}
 
 
-@contextlib.contextmanager
-def _out_of_memory_is_a_user_error(config: ConfigDict) -> Iterator[None]:
-    """XLA's RESOURCE_EXHAUSTED (at compile time or at the first step) as a one-line UserError that
-    names the config keys that set memory and the estimator."""
-    try:
-        yield
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        first = " ".join(str(e).split("\n", 1)[0].split())[:200]
-        t, m = config.train, config.model
-        raise UserError(
-            f"out of device memory ({first}); lower train.batch_size={t.batch_size} (raise "
-            f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} to keep the tokens per step), "
-            f"model.block_size={m.block_size}, set model.remat=full, or shard with mesh.fsdp={config.mesh.fsdp}; "
-            "estimate first: python -m nanogpt_jax.memory --config <this config> (README, Scaling)") from None
+def _memory_advice(config: ConfigDict) -> str:
+    """What to change when a training step does not fit: the keys that set memory, and the estimator."""
+    t, m = config.train, config.model
+    return (f"lower train.batch_size={t.batch_size} (raise train.gradient_accumulation_steps="
+            f"{t.gradient_accumulation_steps} to keep the tokens per step), model.block_size={m.block_size}, set "
+            f"model.remat=full, or shard with mesh.fsdp={config.mesh.fsdp}; estimate first: python -m "
+            "nanogpt_jax.memory --config <this config> (README, Scaling)")
 
 
 class _Run:

@@ -240,3 +240,16 @@ def test_cli_prints_the_table_and_one_line_errors(token_data, tmp_path):
                           timeout=300)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         "error: bench.mode='fly': must be one of train, generate, data, profile"]
+
+
+def test_out_of_memory_is_one_line(token_data, tmp_path):
+    """Every entry point, not only run_train.py, reports XLA's RESOURCE_EXHAUSTED as one line."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "run_bench.py"), "--config", str(ROOT / "configs/tiny.py"),
+                           f"--config.data.data_dir={token_data}", "--config.mesh.data=1", "--config.bench.steps=1",
+                           "--config.train.batch_size=4194304", f"--config.bench.out={tmp_path / 'r.json'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: out of device memory (RESOURCE_EXHAUSTED") and "bench.batch_sizes" in last, last
+    assert not (tmp_path / "r.json").exists()

@@ -71,13 +71,17 @@ def test_the_same_command_again_leaves_every_file_and_compiles_nothing(token_dat
     assert snapshot(out) == before
 
 
-def test_a_new_run_into_a_folder_with_logs_only_is_refused(token_data, tmp_path):
+@pytest.mark.parametrize("init_from", ["scratch", "resume"])
+def test_the_logs_of_a_run_killed_before_its_first_checkpoint_are_kept(token_data, tmp_path, init_from):
     out = tmp_path / "logs_only"
-    out.mkdir()
+    (out / "checkpoints").mkdir(parents=True)  # a SIGKILL leaves the folder the checkpointer made
     (out / "metrics.csv").write_text("step,train/loss\n0,4.0\n")
-    with pytest.raises(UserError, match=r"already holds a run \(metrics.csv\)"):
-        train(tiny_run_config(token_data, out))
-    assert snapshot(out) == {"metrics.csv": hashlib.sha256(b"step,train/loss\n0,4.0\n").hexdigest()}
+    before = snapshot(out)
+    # one message for both ways in, naming the way out (not "resume" from scratch and "scratch" from resume)
+    with pytest.raises(UserError, match=r"holds the logs of a run that saved no checkpoint \(metrics.csv\); it "
+                                        r"cannot be resumed: delete the folder \(rm -r .*logs_only\)"):
+        train(tiny_run_config(token_data, out, init_from=init_from))
+    assert snapshot(out) == before
 
 
 def test_a_resume_with_nothing_left_to_train_writes_nothing(token_data, finished_run, tmp_path):
