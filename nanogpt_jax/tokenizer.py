@@ -120,9 +120,11 @@ class CharTokenizer:
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         pos = np.minimum(np.searchsorted(self._codes, codes), self.n_vocab - 1)
         bad = self._codes[pos] != codes
-        if bad.any():  # name every unknown character once, in order of first appearance
+        if bad.any():  # name every unknown character once, in order of first appearance (a text of
+            # another alphabet names the first 20 and counts the rest: the error stays a readable line)
             unknown = [chr(int(c)) for c in dict.fromkeys(codes[bad].tolist())]
-            listed = ", ".join(repr(c) for c in unknown)
+            listed = ", ".join(repr(c) for c in unknown[:20]) + (f" and {len(unknown) - 20} more"
+                                                                 if len(unknown) > 20 else "")
             what = f"character {listed} is" if len(unknown) == 1 else f"characters {listed} are"
             raise DataError(f"{what} not in this {self.n_vocab}-character vocabulary; "
                             "use only characters of the training data")

@@ -36,6 +36,8 @@ def test_char_errors_name_the_problem():
         tok.encode("abz")
     with pytest.raises(DataError, match=r"characters 'z', 'é', '!' are not in this 3-character vocabulary"):
         tok.encode("azbéz!a")  # every unknown one, once, in order
+    with pytest.raises(DataError, match=r"^characters 'd', 'e', .*, 'w' and 3 more are not in"):
+        tok.encode("abcdefghijklmnopqrstuvwxyz")  # another alphabet: a readable line
     with pytest.raises(ValueError):  # an API user's usual catch works: the library's input errors are ValueErrors
         tok.encode("hello")
     with pytest.raises(DataError, match="token id 3 is outside"):
