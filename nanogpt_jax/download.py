@@ -13,6 +13,7 @@ interrupted copy or download never leaves a partial file under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import os
@@ -54,10 +55,21 @@ def fetch(mirror_relpath: str, url: str, dest: str | os.PathLike) -> Path:
     dest = Path(dest)
     if dest.is_file() and dest.stat().st_size > 0:
         return dest
+    missing = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]  # the folders this call creates
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create {dest.parent} ({e.strerror}); choose a writable folder") from None
+    try:
+        return _copy_or_download(mirror_relpath, url, dest)
+    except DataError:  # a failed fetch leaves no empty folder behind
+        for folder in missing:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+        raise
+
+
+def _copy_or_download(mirror_relpath: str, url: str, dest: Path) -> Path:
     local = mirror_file(mirror_relpath)
     if local is not None:
         logging.info("copying %s from the data mirror %s", mirror_relpath, local.parent)

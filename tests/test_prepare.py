@@ -379,5 +379,5 @@ def test_fetch_prefers_dest_then_mirror_then_url(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOGPT_DATA_MIRROR", str(tmp_path / "empty-mirror"))
     with pytest.raises(DataError, match=r"cannot download http://127.0.0.1:9/x.txt \(.*\); offline, put the file "
                                         r"at \$NANOGPT_DATA_MIRROR/d/x.txt") as e:
-        download.fetch("d/x.txt", "http://127.0.0.1:9/x.txt", tmp_path / "c" / "x.txt")
-    assert "\n" not in str(e.value) and list((tmp_path / "c").iterdir()) == []  # no partial file
+        download.fetch("d/x.txt", "http://127.0.0.1:9/x.txt", tmp_path / "c" / "d" / "x.txt")
+    assert "\n" not in str(e.value) and not (tmp_path / "c").exists()  # no partial file, no empty folders it made
