@@ -35,6 +35,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 def _config_file_error(text: str) -> str | None:
     """A readable line for a --config file that cannot be loaded (missing, or raising on import), else None."""
+    folder = re.search(r"Is a directory: '([^']+)'", text)
+    if folder:
+        return f"--config {folder.group(1)!r} is a folder; pass one of its files, e.g. --config configs/tiny.py"
     missing = re.search(r"No such file or directory: '([^']+)'", text)
     if missing:
         return f"no config file {missing.group(1)!r}; pass one of configs/*.py, e.g. --config configs/tiny.py"
@@ -109,7 +112,8 @@ def _fail_without_waiting(message: str, grace_seconds: float = 5.0) -> None:
     Python waits for every non-daemon thread before it exits. After a checkpoint save that failed
     in the background, orbax leaves threads waiting for a signal that never comes, so the process
     would print its error and then never end. Threads get `grace_seconds` to finish; if some are
-    still alive the process exits at once (the error line is printed and the logs are flushed).
+    still alive, or the grace is 0 (an interrupt), the process exits at once after the error line
+    and a flush of the logs.
     """
     deadline = time.monotonic() + grace_seconds
     for thread in threading.enumerate():
@@ -118,7 +122,8 @@ def _fail_without_waiting(message: str, grace_seconds: float = 5.0) -> None:
                 threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))
             except Exception:  # noqa: BLE001 - a thread that cannot be joined is left behind below
                 pass
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+    if grace_seconds == 0 or any(t.is_alive() and not t.daemon for t in threading.enumerate()
+                                 if t is not threading.main_thread()):
         try:
             fail(message)
         except SystemExit:
@@ -149,7 +154,7 @@ def main(fn: Callable[[ConfigDict], object]) -> None:
                 fn(config)
         except UserError as e:
             _fail_without_waiting(str(e))
-        except KeyboardInterrupt:
-            _fail_without_waiting("interrupted")
+        except KeyboardInterrupt:  # no grace: XLA may still be computing, and tearing the interpreter down
+            _fail_without_waiting("interrupted", grace_seconds=0.0)  # under it can crash (seen in run_bench.py)
 
     app.run(_main, flags_parser=_parse_flags)

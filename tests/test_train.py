@@ -249,6 +249,7 @@ def test_cli_resume_without_a_checkpoint_is_one_line_and_writes_nothing(token_da
 @pytest.mark.parametrize("args,message", [
     (["--config", "configs/nope.py", "--config.out_dir=x"], r"^error: no config file 'configs/nope.py'; pass one of"),
     (["--config", "configs/nope.py"], r"no config file 'configs/nope.py'"),
+    (["--config", "configs"], r"^error: cannot load --config: --config 'configs' is a folder; pass one of its files"),
     (["--config", "configs/shakespeare_char.py:gpu"], r"^error: configs/shakespeare_char.py: unknown variant 'gpu'"),
     (["--config", "configs/tiny.py", "--max_iters=5"], r"unknown flag --max_iters; .*--config.train.max_iters="),
     (["--config.train.max_iters=5"], r"^error: --config FILE is missing: --config.train.max_iters overrides"),
