@@ -50,7 +50,7 @@ endif
 # characters; metrics, checkpoints and loss.png land in $(DEMO_OUT). Run again, it continues the run in
 # $(DEMO_OUT) (init_from=resume): a finished run has nothing left to train, says where its figures are
 # and samples again; an interrupted one trains on from its last checkpoint. A new run needs a new
-# DEMO_OUT (make demo DEMO_OUT=out-demo-2). DEMO_* and DEMO_DEPS are for tests (tests/test_demo.py).
+# DEMO_OUT (make demo DEMO_OUT=out-demo-2). DEMO_* and DEMO_DEPS are for tests (tests/test_run_folder.py).
 DEMO_OUT ?= out-shakespeare-char-cpu
 DEMO_CONFIG ?= configs/shakespeare_char.py:cpu
 DEMO_DATA ?= data/shakespeare_char
