@@ -33,6 +33,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.model.scan_layers = False  # nn.scan over blocks: compile time independent of depth
     c.model.remat = "none"  # none, full, or a jax.checkpoint_policies name (activation memory)
     c.model.attention = "auto"  # xla, cudnn, or auto (cudnn on GPUs with bf16/fp16)
+    # output head + cross-entropy: chunked (chunks of positions, no float32 (B, T, V) logits kept) or full
+    c.model.loss = "chunked"
+    c.model.loss_chunk = 0  # positions per chunk of the chunked loss; 0: from the shapes (~256 MiB logits/device)
 
     c.data = config_dict.ConfigDict()
     c.data.data_dir = "data/openwebtext"  # folder with train.bin, val.bin and meta.json

@@ -215,7 +215,8 @@ def model_config(config: ConfigDict, dtype: str) -> tuple[GPTConfig, str]:
 
         m = config.model
         return convert.pretrained_config(init, dtype=dtype, block_size=m.block_size, scan_layers=m.scan_layers,
-                                         remat=m.remat, attention=m.attention, dropout=m.dropout), \
+                                         remat=m.remat, attention=m.attention, loss=m.loss,
+                                         loss_chunk=m.loss_chunk, dropout=m.dropout), \
             f"{init}/config.json"
     vocab_size, source = vocab_size_for(config)
     return config_lib.gpt_config(config, dtype=dtype, vocab_size=vocab_size), source

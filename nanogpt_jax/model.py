@@ -44,6 +44,11 @@ PADDED_VOCAB_SIZE = 50304  # nanoGPT's padding of 50257 up to a multiple of 64: 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+LOSS_IMPLS = ("chunked", "full")
+# Float32 logits per device in one chunk of the chunked loss, when loss_chunk=0 picks the chunk: big
+# enough that each chunk's matmul fills an accelerator (>= 1k tokens of GPT-2's 50k vocabulary), small
+# beside the activations of a long sequence.
+LOSS_CHUNK_BYTES = 256 * 2**20
 REMAT_POLICIES = ("none", "full") + tuple(
     n for n in dir(jax.checkpoint_policies) if not n.startswith("_") and n not in ("everything_saveable",)
 )
@@ -67,6 +72,11 @@ class GPTConfig:
         attention: "xla" (the scores and a float32 softmax written out, compiled by XLA), "cudnn"
             (`jax.nn.dot_product_attention`'s fused cuDNN kernel, GPU only), or "auto" (cudnn on a
             GPU with bf16/fp16, xla elsewhere).
+        loss: how the output head and the cross-entropy run in `GPT.losses` (training and eval):
+            "chunked" (chunks of positions through a rematerialised scan: no float32 (B, T, V) logits
+            live in the step, forward or backward) or "full" (the whole logits at once).
+        loss_chunk: positions per chunk of the chunked loss; 0 picks it from the shapes (about
+            LOSS_CHUNK_BYTES of float32 logits per device, the whole sequence when that fits).
 
     Raises:
         ValueError: naming the field, for an impossible value.
@@ -83,6 +93,8 @@ class GPTConfig:
     scan_layers: bool = False
     remat: str = "none"
     attention: str = "xla"
+    loss: str = "chunked"
+    loss_chunk: int = 0
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -98,6 +110,10 @@ class GPTConfig:
             raise ValueError(f"remat={self.remat!r} must be 'none', 'full' or a jax.checkpoint_policies name")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention={self.attention!r} must be one of {', '.join(ATTENTION_IMPLS)}")
+        if self.loss not in LOSS_IMPLS:
+            raise ValueError(f"loss={self.loss!r} must be one of {', '.join(LOSS_IMPLS)}")
+        if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk={self.loss_chunk!r} must be 0 (from the shapes) or a positive integer")
 
     @classmethod
     def gpt2(cls, name: str = "gpt2", **overrides: Any) -> GPTConfig:
@@ -151,6 +167,67 @@ def token_losses(logits_BTV: Array, targets_BT: Array) -> Array:
 def lm_loss(logits_BTV: Array, targets_BT: Array) -> Array:
     """The language-modelling loss: mean cross-entropy over every token, float32 scalar (nats)."""
     return token_losses(logits_BTV, targets_BT).mean()
+
+
+def head_logits(h_BTD: Array, wte_VD: Array, dtype: jnp.dtype) -> Array:
+    """The output head tied to the token embedding: hidden (B, T, D) -> float32 logits (B, T, V).
+
+    The matmul runs in `dtype` with a float32 result (`Embed.attend` would return the compute
+    dtype, too coarse for a 50k-way softmax in bfloat16).
+    """
+    return jnp.einsum("btd,vd->btv", h_BTD.astype(dtype), wte_VD.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def chunked_token_losses(h_BTD: Array, wte_VD: Array, targets_BT: Array, dtype: jnp.dtype, chunk: int) -> Array:
+    """`token_losses(head_logits(h, wte), targets)` without ever holding the (B, T, V) logits: (B, T) float32.
+
+    The positions are cut into chunks of `chunk` (the last one padded) and a `lax.scan` runs the head
+    and the cross-entropy chunk by chunk under `jax.checkpoint`, so the backward pass recomputes each
+    chunk's logits instead of keeping them: float32 logits of B x chunk tokens live at a time. Chunks
+    run along T, not the batch, so each keeps the batch's sharding. wte enters the scan in float32 and
+    is cast inside, so its gradient is summed over the chunks in float32.
+    """
+    B, T, D = h_BTD.shape
+    if chunk >= T:
+        return token_losses(head_logits(h_BTD, wte_VD, dtype), targets_BT)
+    n = -(-T // chunk)
+    pad = n * chunk - T  # padded positions get target 0 and are cut off below: no gradient
+    h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
+    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+    h_NBCD = h_BTD.reshape(B, n, chunk, D).swapaxes(0, 1)
+    y_NBC = targets_BT.reshape(B, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_losses(h_BCD: Array, y_BC: Array) -> Array:
+        return token_losses(head_logits(h_BCD, wte_VD, dtype), y_BC)
+
+    _, losses_NBC = jax.lax.scan(lambda carry, xs: (carry, chunk_losses(*xs)), None, (h_NBCD, y_NBC))
+    return losses_NBC.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
+
+
+def loss_chunk_len(config: GPTConfig, rows: int, T: int) -> int:
+    """Positions per chunk of the chunked loss for `rows` sequences of T tokens on one device: the
+    config's loss_chunk, or the largest divisor of T whose float32 logits (rows x chunk x V x 4
+    bytes) fit LOSS_CHUNK_BYTES (at least 1; a padded chunk when T's divisors are all much smaller).
+    T itself means one chunk: the plain computation."""
+    if config.loss == "full":
+        return T
+    if config.loss_chunk:
+        return min(config.loss_chunk, T)
+    most = max(1, LOSS_CHUNK_BYTES // (4 * config.vocab_size * max(rows, 1)))
+    if most >= T:
+        return T
+    divisor = max(c for c in range(1, most + 1) if T % c == 0)
+    return divisor if 2 * divisor >= most else most  # else pad the last chunk rather than run tiny ones
+
+
+def describe_loss(config: GPTConfig, rows: int, T: int) -> str:
+    """How the loss runs for `rows` sequences of T tokens per device, as reports name it: "full"
+    (whole (B, T, V) logits) or e.g. "chunked: 8 x 128 positions"."""
+    chunk = loss_chunk_len(config, rows, T)
+    if chunk >= T:
+        return "full" if config.loss == "full" else f"chunked: 1 x {T} positions (the whole logits fit one chunk)"
+    return f"chunked: {-(-T // chunk)} x {chunk} positions"
 
 
 # ---- the key/value cache for generation ------------------------------------------------------
@@ -422,14 +499,20 @@ class GPT(nn.Module):
         return self.ln_f(x_BTD), cache
 
     def logits(self, h_BTD: Array) -> Array:
-        """Hidden states (B, T, D) -> float32 logits (B, T, V) through the head tied to wte.
+        """Hidden states (B, T, D) -> float32 logits (B, T, V) through the head tied to wte (`head_logits`)."""
+        return head_logits(h_BTD, self.wte.embedding, self.config.compute_dtype)
 
-        The matmul runs in the compute dtype with a float32 result (`Embed.attend` would return
-        the compute dtype, too coarse for a 50k-way softmax in bfloat16).
+    def losses(self, idx_BT: Array, targets_BT: Array, deterministic: bool = True) -> Array:
+        """Cross-entropy of each target in nats, float32 (B, T): `token_losses(self(idx), targets)`.
+
+        The train and eval steps call this: with loss="chunked" the head and the loss run in chunks
+        of positions (`chunked_token_losses`), so no float32 (B, T, V) logits live in the step. The
+        chunk is picked for the rows one device holds: B over the mesh axes of the "batch" axis.
         """
-        dtype = self.config.compute_dtype
-        return jnp.einsum("btd,vd->btv", h_BTD.astype(dtype), self.wte.embedding.astype(dtype),
-                          preferred_element_type=jnp.float32)
+        h_BTD, _ = self.hidden(idx_BT, deterministic=deterministic)
+        B, T = targets_BT.shape
+        chunk = loss_chunk_len(self.config, B // _batch_shards(B), T)
+        return chunked_token_losses(h_BTD, self.wte.embedding, targets_BT, self.config.compute_dtype, chunk)
 
     def predict(self, idx_BT: Array, targets: bool = True) -> Array:
         """Logits for every position, float32 (B, T, V); with targets=False only the last, (B, 1, V).
@@ -483,6 +566,17 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """See `GPTConfig.flops_per_token`."""
         return self.config.flops_per_token(seq_len)
+
+
+def _batch_shards(B: int) -> int:
+    """Devices the batch axis of B rows is split over in the current mesh and logical-axis rules
+    (1 outside a mesh, or when the mesh does not divide B)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = nn.logical_to_mesh_axes(("batch",))[0] if not mesh.empty else None
+    if axes is None:
+        return 1
+    n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    return n if B % n == 0 else 1
 
 
 def init_params(model: GPT, rng: Array) -> dict:

@@ -130,7 +130,7 @@ def _runtime_overrides(config: ConfigDict) -> dict[str, Any]:
     """The model options a run may change on a checkpoint's architecture: compute, not shape."""
     m = config.model
     return {"dropout": m.dropout, "dtype": config_lib.resolve_dtype(m.dtype), "remat": m.remat,
-            "attention": m.attention}
+            "attention": m.attention, "loss": m.loss, "loss_chunk": m.loss_chunk}
 
 
 def build_state(config: ConfigDict, mesh: jax.sharding.Mesh, ckpt: Checkpointer,
