@@ -221,6 +221,15 @@ def loss_chunk_len(config: GPTConfig, rows: int, T: int) -> int:
     return divisor if 2 * divisor >= most else most  # else pad the last chunk rather than run tiny ones
 
 
+def implementations(config: GPTConfig, platform: str, rows: int, T: int | None = None) -> dict[str, str]:
+    """What a train or eval step of `config` runs on `platform` ("cpu", "gpu", "tpu") with `rows`
+    sequences of T tokens (default block_size) per device, as run_bench, summary.json and the aot
+    tool name it: {"attention": "splash" / "cudnn" / "xla" (with the reason of a fallback),
+    "loss": `describe_loss`}."""
+    T = T or config.block_size
+    return {"attention": _attention_impl(config), "loss": describe_loss(config, rows, T)}
+
+
 def describe_loss(config: GPTConfig, rows: int, T: int) -> str:
     """How the loss runs for `rows` sequences of T tokens per device, as reports name it: "full"
     (whole (B, T, V) logits) or e.g. "chunked: 8 x 128 positions"."""

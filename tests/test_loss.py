@@ -8,8 +8,18 @@ import numpy as np
 import pytest
 
 from nanogpt_jax import sharding
-from nanogpt_jax.model import (GPT, GPTConfig, chunked_token_losses, describe_loss, head_logits, init_params,
-                               lm_loss, loss_chunk_len, token_losses)
+from nanogpt_jax.model import (
+    GPT,
+    GPTConfig,
+    _batch_shards,
+    chunked_token_losses,
+    describe_loss,
+    head_logits,
+    init_params,
+    lm_loss,
+    loss_chunk_len,
+    token_losses,
+)
 
 B, T, D, V = 4, 12, 16, 37
 
@@ -92,6 +102,5 @@ def test_chunk_follows_the_rows_each_device_holds(tiny_config):
     mesh = sharding.make_mesh(4, 2, 1)
     with sharding.activate(mesh):
         out = jax.jit(lambda p, x, y: model.apply({"params": p}, x, y, method=GPT.losses))(params, x, y)
-        from nanogpt_jax.model import _batch_shards
         assert _batch_shards(8) == 8 and _batch_shards(4) == 1
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
