@@ -233,10 +233,10 @@ def implementations(config: GPTConfig, platform: str, rows: int, T: int | None =
 def describe_loss(config: GPTConfig, rows: int, T: int) -> str:
     """How the loss runs for `rows` sequences of T tokens per device, as reports name it: "full"
     (whole (B, T, V) logits) or e.g. "chunked: 8 x 128 positions"."""
+    if config.loss == "full":
+        return "full"
     chunk = loss_chunk_len(config, rows, T)
-    if chunk >= T:
-        return "full" if config.loss == "full" else f"chunked: 1 x {T} positions (the whole logits fit one chunk)"
-    return f"chunked: {-(-T // chunk)} x {chunk} positions"
+    return f"chunked: {-(-T // chunk)} x {chunk} positions"  # 1 x T: the whole logits fit one chunk
 
 
 # ---- the key/value cache for generation ------------------------------------------------------
