@@ -7,6 +7,8 @@ the markdown table, TensorBoard and metrics.csv):
     text       key text/<stem>     the same over a text file, tokenized with the model's tokenizer
     wikitext2  key wikitext2       the same over WikiText-2's raw test file (GPT-2's published metric)
     hellaswag  key hellaswag       HellaSwag validation accuracy (see nanogpt_jax/hellaswag.py)
+    lm_eval:a,b  keys lm_eval/a ...  lm-evaluation-harness tasks, their own metric names
+                                   (nanogpt_jax/harness.py; the optional extra .[eval])
 
 The three perplexity tasks report `loss` (mean nats per scored token), `ppl` = exp(loss) and `bpb`,
 bits per byte: loss x tokens / ln 2 / the UTF-8 bytes those tokens decode to (GPT-2's <|endoftext|>
@@ -23,8 +25,9 @@ Quick runs: `eval.max_examples` scores HellaSwag's first N examples and WikiText
 Scale: one jitted scorer returns each row's summed token losses for padded (N, K, T) batches, N
 split over the mesh's data x fsdp devices, on every host at once: every process builds the same
 global batch on the host (cheap), its devices score their rows, each process sums the rows it holds,
-and the per-task totals are gathered from all processes once at the end. HellaSwag pads rows to a
-few length buckets (powers of two up to block_size), so a task compiles at most a handful of shapes.
+and the per-task totals are gathered from all processes once at the end. HellaSwag's endings and
+the harness's requests are rows (`nanogpt_jax.rows`) scored by `score_rows`: sorted by length and
+padded to a few length buckets (powers of two up to block_size), so a task compiles a handful of shapes.
 Compute runs in the model's dtype (bfloat16 on accelerators by default), logits and the
 log-softmax in float32 (`model.token_losses`, the one loss).
 """

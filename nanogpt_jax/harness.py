@@ -24,8 +24,9 @@ The harness asks a model three things; `NanoGPTLM` answers each with this librar
                            together as a batch; a row stops at <|endoftext|>, at max_gen_toks (default 256),
                            or once its text holds one of the `until` strings, and is cut before that string
 
-Every process runs the harness over all requests (it sees rank 0 of 1): our jitted calls are the
-collective ones, so every host computes its share of each batch and gets every result.
+Every process runs the harness over all requests (it sees rank 0 of 1): our jitted scoring calls
+are the collective ones, so every host computes its share of each batch and gets every result.
+generate_until is tested on one host only (the sampler takes its prompt as a local array).
 
 lm-eval 0.4 finds models only in its own registry, filled when a module that registers one is
 imported (it reads no entry points), so the shell command is this module: it registers
@@ -281,8 +282,6 @@ class NanoGPTLM(TemplateLM):
         """Greedy (temperature 0) or sampled continuations of equally long prompts, stopping early once
         every row has met <|endoftext|> or one of its until strings; each text is cut before it."""
         idx_BT = np.asarray(prompts, np.int32)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        idx_BT = jax.make_array_from_callback(idx_BT.shape, replicated, lambda i: idx_BT[i])  # one global array
         eot = self.tok.eot_token
         new: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
@@ -341,6 +340,7 @@ def evaluate_tasks(lm: NanoGPTLM, names: Sequence[str], manager: Any, *, num_few
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m nanogpt_jax.harness ARGS`: lm-eval's command line with the `nanogpt_jax` model
     registered; a UserError (bad model_args, a checkpoint without a tokenizer) is one line, exit 1."""
+    from nanogpt_jax import cli
     from nanogpt_jax.errors import fail
 
     if lm_eval is None:
@@ -349,7 +349,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     sys.argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
     os.environ.setdefault("DISABLE_MULTIPROC", "1")  # no forked bootstrap pool in a process running jax
-    logging.set_verbosity(logging.WARNING)
+    logging.use_absl_handler()  # our libraries' lines as run_eval.py shows them (orbax's quiet)
+    logging.get_absl_handler().addFilter(cli._quiet_libraries)
     try:
         cli_evaluate()
     except UserError as e:
