@@ -350,7 +350,8 @@ class Evaluator:
 
         names, manager = self.harness
         e, t0 = self.config.eval, time.perf_counter()
-        lm = harness.NanoGPTLM(self.model, params, self.tok, self.mesh, batch_size=self.batch_size, stride=e.stride)
+        lm = harness.NanoGPTLM(self.model, params, self.tok, self.mesh, batch_size=self.batch_size, stride=e.stride,
+                               scorer=self.scorer)
         results = harness.evaluate_tasks(lm, names, manager, num_fewshot=e.num_fewshot, limit=e.max_examples)
         seconds = time.perf_counter() - t0
         for key, r in results.items():

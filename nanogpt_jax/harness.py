@@ -125,12 +125,13 @@ class NanoGPTLM(TemplateLM):
             up to a multiple of the mesh's data x fsdp devices.
         stride: loglikelihood_rolling's window stride in tokens (1 .. block_size); None = block_size.
         source: a description of the weights for the harness's report (`get_model_info`).
+        scorer: an `evaluate.Scorer` of this model on this mesh to share (and its compilations).
     """
 
     backend = "causal"  # TemplateLM._encode_pair: encode context + continuation whole, then split
 
     def __init__(self, model: GPT, params: Any, tok: Tokenizer, mesh: jax.sharding.Mesh, *, batch_size: int = 8,
-                 stride: int | None = None, source: dict | None = None):
+                 stride: int | None = None, source: dict | None = None, scorer: evaluate.Scorer | None = None):
         require()
         super().__init__()
         self.model, self.params, self.tok, self.mesh = model, params, tok, mesh
@@ -140,7 +141,7 @@ class NanoGPTLM(TemplateLM):
         self.stride = stride or self.block_size
         if not 1 <= self.stride <= self.block_size:
             raise ConfigError(f"stride={stride}: must lie in 1 .. the model's block_size={self.block_size}")
-        self.scorer = evaluate.Scorer(lambda p, x: model.apply({"params": p}, x), mesh)
+        self.scorer = scorer or evaluate.Scorer(lambda p, x: model.apply({"params": p}, x), mesh)
         self.source = source or {}
 
     @classmethod

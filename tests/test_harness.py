@@ -4,18 +4,17 @@ nanogpt_jax, scores what our hellaswag task scores; rolling and generation equal
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_run_config, write_token_data
+from conftest import ROOT, tiny_run_config
 
-from nanogpt_jax import evaluate, harness, hellaswag, sample, sharding, tokenizer
+from nanogpt_jax import evaluate, harness, hellaswag, sample, step, tokenizer
 from nanogpt_jax.errors import ConfigError, DataError, UserError
-from nanogpt_jax.model import GPT, GPTConfig, init_params
+from nanogpt_jax.model import init_params
 from nanogpt_jax.train import train
 
 N_EXAMPLES = 200  # the first examples of HellaSwag's validation file
@@ -80,27 +79,27 @@ def gpt2_run(tmp_path_factory, task_dir):
     texts = [ex["ctx"] + " " + ex["endings"][ex["label"]] for ex in hellaswag.load(task_dir[0] / "cache", limit=1200)]
     data_dir = write_gpt2_data(tmp_path_factory.mktemp("gpt2_data"), texts[N_EXAMPLES:])
     out = tmp_path_factory.mktemp("gpt2_run")
-    train(tiny_run_config(data_dir, out, **{"model.n_layer": 1, "model.n_embd": 16, "train.max_iters": 15,
-                                           "train.eval_interval": 15}))
+    # block 16: most rows are cut from the left (cheap, and the cut is part of what is compared)
+    train(tiny_run_config(data_dir, out, **{"model.n_layer": 1, "model.n_embd": 16, "model.block_size": 16,
+                                           "train.max_iters": 15, "train.eval_interval": 15}))
     return out, data_dir
 
 
 @pytest.fixture(scope="session")
-def char_run(tmp_path_factory):
-    """A small trained char-vocabulary checkpoint (configs/tiny.py, 10 steps)."""
-    data_dir = write_token_data(tmp_path_factory.mktemp("char_data"))
-    out = tmp_path_factory.mktemp("char_run")
-    train(tiny_run_config(data_dir, out, **{"train.max_iters": 10}))
-    return out, data_dir
+def char_run(char_eval_run, token_data):
+    """A small trained char-vocabulary checkpoint (conftest: configs/tiny.py, 10 steps), its data folder."""
+    return char_eval_run, token_data
 
 
-def random_gpt2_lm():
-    model = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=16))
-    mesh = sharding.make_mesh()
-    from nanogpt_jax import step
+@pytest.fixture(scope="session")
+def trained_lm(gpt2_run):
+    return harness.NanoGPTLM.load(out_dir=str(gpt2_run[0]), checkpoint="best", batch_size=32)
 
-    params = jax.device_put(init_params(model, jax.random.key(0)), step.param_shardings(model, mesh))
-    return harness.NanoGPTLM(model, params, tokenizer.gpt2(), mesh, batch_size=32)
+
+def random_like(lm):
+    """The same model with fresh random weights, sharing `lm`'s scorer (and so its compilations)."""
+    params = jax.device_put(init_params(lm.model, jax.random.key(0)), step.param_shardings(lm.model, lm.mesh))
+    return harness.NanoGPTLM(lm.model, params, lm.tok, lm.mesh, batch_size=lm.batch_size, scorer=lm.scorer)
 
 
 def test_the_harness_prompt_is_the_harness_hellaswag_preprocessing(task_dir):
@@ -119,10 +118,10 @@ def hellaswag_ours(lm, examples):
 
 
 @pytest.mark.slow
-def test_harness_acc_and_acc_norm_equal_our_hellaswag_on_a_random_and_a_trained_model(task_dir, manager, gpt2_run):
-    run, _ = gpt2_run
-    trained = harness.NanoGPTLM.load(out_dir=str(run), batch_size=32)
-    for lm in (random_gpt2_lm(), trained):
+def test_harness_acc_and_acc_norm_equal_our_hellaswag_on_a_random_and_a_trained_model(task_dir, manager, trained_lm):
+    trained = trained_lm
+    assert trained.model.config.vocab_size == 50304 and trained.block_size == 16
+    for lm in (random_like(trained), trained):
         theirs = harness.evaluate_tasks(lm, ["hellaswag_local"], manager)["lm_eval/hellaswag_local"]
         ours = hellaswag_ours(lm, task_dir[1])
         assert theirs["n_samples"] == ours["examples"] == N_EXAMPLES
@@ -168,30 +167,35 @@ def test_rolling_loglikelihood_is_our_text_tasks_summed_loss(char_run, tmp_path)
     assert two < 0 and one == 0.0  # one character is context only: nothing scored
 
 
-def test_generate_until_is_run_sample_greedy_cut_at_the_until_string(char_run):
-    from lm_eval.api.instance import Instance
-
+@pytest.fixture(scope="session")
+def greedy_text(char_run):
+    """run_sample.py's greedy continuation of "ABCD" (40 characters), in-process."""
     run, data_dir = char_run
     c = tiny_run_config(data_dir, run, **{"init_from": "resume", "sample.temperature": 0.0, "sample.prompt": "ABCD",
                                          "sample.max_new_tokens": 40})
-    full = sample.sample(c, out=io.StringIO())[0]
-    lm = harness.NanoGPTLM.load(out_dir=str(run), batch_size=8)
-    until = full[12:14]
-    requests = [Instance("generate_until", {}, ("ABCD", {"until": [], "max_gen_toks": 40}), 0),
-                Instance("generate_until", {}, ("ABCD", {"until": [until], "max_gen_toks": 40}), 1),
-                Instance("generate_until", {}, ("ABCD", {"until": ["never"], "max_gen_toks": 7}), 2)]
-    assert lm.generate_until(requests) == [full, full[:full.index(until)], full[:7]]
+    return sample.sample(c, out=io.StringIO())[0]
 
 
-def test_loglikelihood_is_the_sum_the_scorer_gives_and_greedy_is_argmax(char_run):
+def test_generate_until_is_run_sample_greedy_cut_at_the_until_string(char_run, greedy_text):
     from lm_eval.api.instance import Instance
 
-    run, _ = char_run
-    lm = harness.NanoGPTLM.load(out_dir=str(run), batch_size=4)
-    greedy = lm.generate_until([Instance("generate_until", {}, ("ABC", {"until": [], "max_gen_toks": 3}), 0)])[0]
+    full = greedy_text
+    lm = harness.NanoGPTLM.load(out_dir=str(char_run[0]), batch_size=8)
+    until = full[12:14]
+    requests = [Instance("generate_until", {}, ("ABCD", {"until": [], "max_gen_toks": 40}), 0),
+                Instance("generate_until", {}, ("ABCD", {"until": [until], "max_gen_toks": 40}), 1)]
+    assert lm.generate_until(requests) == [full, full[:full.index(until)]] and len(full) == 40
+
+
+def test_loglikelihood_is_greedy_for_the_greedy_text_and_cuts_long_contexts(char_run, greedy_text):
+    from lm_eval.api.instance import Instance
+
+    lm = harness.NanoGPTLM.load(out_dir=str(char_run[0]), batch_size=4)
+    greedy = greedy_text[:3]
+    other = "Z" if greedy[0] != "Z" else "Y"
     ctx_long = "".join(chr(0x41 + i % 64) for i in range(100))  # longer than block_size 32: cut from the left
     out = lm.loglikelihood([Instance("loglikelihood", {}, (ctx, cont), 0) for ctx, cont in
-                            (("ABC", greedy), ("ABC", greedy[:1]), ("ABC", "Z" if greedy[0] != "Z" else "Y"),
+                            (("ABCD", greedy), ("ABCD", greedy[:1]), ("ABCD", other),
                              (ctx_long, "AB"), (ctx_long[-31:], "AB"))])
     assert out[0][1] and out[1][1] and not out[2][1]
     assert out[0][0] < out[1][0] < 0
@@ -211,14 +215,10 @@ def test_bad_input_is_one_line(char_run, task_dir, manager, tmp_path):
         harness.task_names(["lm_eval:"])
     with pytest.raises(ConfigError, match="run by run_eval.py only"):
         evaluate.check_config(tiny_run_config(data_dir, run, **{"train.eval_tasks": ("lm_eval:piqa",)}))
-    # a checkpoint whose data folder (its tokenizer, meta.json) is gone
-    copy = shutil.copytree(run, tmp_path / "run")
-    moved = shutil.move(str(data_dir), str(tmp_path / "moved"))
-    try:
-        with pytest.raises(DataError, match="data folder .* is not on this machine"):
-            harness.NanoGPTLM.load(out_dir=str(copy))
-    finally:
-        shutil.move(moved, str(data_dir))
+    # a checkpoint whose tokenizer cannot be found: its data folder (meta.json) given as an empty one
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty holds no prepared data \(train.bin, val.bin, meta.json\)"):
+        harness.NanoGPTLM.load(out_dir=str(run), data_dir=str(tmp_path / "empty"))
     with pytest.raises(UserError, match="give out_dir=DIR .* or init_from"):
         harness.NanoGPTLM.load()
     assert not (tmp_path / "e.json").exists()
@@ -237,7 +237,8 @@ def test_without_the_extra_an_lm_eval_task_is_one_line_naming_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_shell_command_runs_a_checkpoint_through_lm_evals_own_command_line(task_dir, gpt2_run, manager, tmp_path):
+def test_the_shell_command_runs_a_checkpoint_through_lm_evals_own_command_line(task_dir, gpt2_run, trained_lm,
+                                                                               tmp_path):
     run, _ = gpt2_run
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one CPU device
     r = subprocess.run([sys.executable, "-m", "nanogpt_jax.harness", "--model", "nanogpt_jax", "--model_args",
@@ -247,7 +248,6 @@ def test_the_shell_command_runs_a_checkpoint_through_lm_evals_own_command_line(t
     assert r.returncode == 0, r.stderr[-3000:]
     (results,) = tmp_path.glob("*/results_*.json")
     theirs = json.loads(results.read_text())["results"]["hellaswag_local"]
-    lm = harness.NanoGPTLM.load(out_dir=str(run), checkpoint="best", batch_size=8)
-    ours = hellaswag_ours(lm, task_dir[1][:3])
+    ours = hellaswag_ours(trained_lm, task_dir[1][:3])
     assert (theirs["acc,none"], theirs["acc_norm,none"]) == (ours["acc"], ours["acc_norm_char"])
     assert "|hellaswag_local|" in r.stdout.replace(" ", "")
