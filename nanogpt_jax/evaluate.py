@@ -257,9 +257,13 @@ class Evaluator:
         tasks: task names (TASKS).
         data_dir: the loss task's folder (a checkpoint's, as `sample.load_model` found it with
             `data.find_data_dir`); None: data.data_dir.
+        apply_fn: a stand-in for the model's forward pass (tests); None: the model's.
+        harness_tasks: (names, TaskManager) of the lm_eval: tasks, when `run` has checked them before
+            loading the weights; None: checked here.
     Raises:
         DataError: a missing or unusable split or file, a tokenizer that does not fit the data, or
             hellaswag with a tokenizer other than GPT-2's.
+        UserError: lm_eval: tasks without the [eval] extra, or a task the harness does not know.
         ConfigError: eval.stride above the model's block_size.
     """
 

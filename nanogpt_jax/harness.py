@@ -153,6 +153,10 @@ class NanoGPTLM(TemplateLM):
         are the harness's own and ignored: the mesh decides. Raises UserError for bad values."""
         from nanogpt_jax import sample
 
+        unknown = sorted(set(harness_args) - {"device", "max_batch_size"})
+        if unknown:
+            raise ConfigError(f"model_args: unknown key {unknown[0]!r}; known: out_dir, init_from, checkpoint, "
+                              "data_dir, dtype, batch_size, stride, mesh_data, mesh_fsdp, mesh_tensor")
         if (out_dir is None) == (init_from is None):
             raise ConfigError("model_args: give out_dir=DIR (a training run) or init_from=NAME (gpt2, gpt2-medium, "
                               "... or a Hugging Face folder), one of them")

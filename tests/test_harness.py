@@ -221,6 +221,8 @@ def test_bad_input_is_one_line(char_run, task_dir, manager, tmp_path):
         harness.NanoGPTLM.load(out_dir=str(run), data_dir=str(tmp_path / "empty"))
     with pytest.raises(UserError, match="give out_dir=DIR .* or init_from"):
         harness.NanoGPTLM.load()
+    with pytest.raises(UserError, match="model_args: unknown key 'checkpoints'"):
+        harness.NanoGPTLM.load(out_dir=str(run), checkpoints="best")
     assert not (tmp_path / "e.json").exists()
 
 
