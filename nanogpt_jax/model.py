@@ -302,7 +302,7 @@ def splash_attention(q_BTHK: Array, k_BTHK: Array, v_BTHK: Array, *, interpret: 
         return attend(q_BTHK, k_BTHK, v_BTHK)
     batch_axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names) or None
     heads_axis = "tensor" if "tensor" in mesh.axis_names else None
-    spec = sharding._fit(P(batch_axes, None, heads_axis, None), q_BTHK.shape, mesh, "splash attention's q/k/v")
+    spec = sharding.fit_spec(P(batch_axes, None, heads_axis, None), q_BTHK.shape, mesh, "splash attention's q/k/v")
     # check_vma=False: the kernel's pallas_call does not declare how its outputs vary over the mesh axes
     return jax.shard_map(attend, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
         q_BTHK, k_BTHK, v_BTHK)

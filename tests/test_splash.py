@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_run_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from conftest import tiny_run_config
 
 from nanogpt_jax import loggers, model, sharding
 from nanogpt_jax.errors import ConfigError
@@ -93,7 +93,8 @@ def test_splash_without_a_mesh_in_context_runs_the_kernel_unsharded():
     probs = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((128, 128), bool)), scores, -jnp.inf), axis=-1)
     expected = jnp.einsum("bhts,bshk->bthk", probs, v)
     assert_same(jax.jit(lambda *a: model.splash_attention(*a, interpret=True))(q, k, v), expected)
-    assert attention_impl(GPTConfig(attention="splash", block_size=128)) == ("splash", "")  # no mesh: jax.default_backend()
+    # no mesh in context: the platform is jax.default_backend()'s
+    assert attention_impl(GPTConfig(attention="splash", block_size=128)) == ("splash", "")
 
 
 @pytest.mark.parametrize("T,dropout,why", [
@@ -170,7 +171,6 @@ def test_tpu_compile_with_splash_holds_less_than_with_xla_attention():
     per chip): splash saves at least the bf16 (B, H, T, T) attention weights that the XLA step keeps
     for the backward pass of each layer."""
     from configs import tiny
-
     from nanogpt_jax import aot
 
     temps = {}
