@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.model.dtype = "auto"  # compute dtype: float32, bfloat16, or auto (bfloat16 on GPU/TPU, else float32)
     c.model.scan_layers = False  # nn.scan over blocks: compile time independent of depth
     c.model.remat = "none"  # none, full, or a jax.checkpoint_policies name (activation memory)
-    c.model.attention = "auto"  # xla, cudnn, or auto (cudnn on GPUs with bf16/fp16)
+    c.model.attention = "auto"  # xla, cudnn, splash, or auto (splash on TPUs, cudnn on GPUs with bf16/fp16)
     # output head + cross-entropy: chunked (chunks of positions, no float32 (B, T, V) logits kept) or full
     c.model.loss = "chunked"
     c.model.loss_chunk = 0  # positions per chunk of the chunked loss; 0: from the shapes (~256 MiB logits/device)

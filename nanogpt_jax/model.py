@@ -22,13 +22,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from nanogpt_jax import sharding
+from nanogpt_jax.errors import ConfigError
 
 Array = jax.Array
 
@@ -43,7 +48,7 @@ GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
 PADDED_VOCAB_SIZE = 50304  # nanoGPT's padding of 50257 up to a multiple of 64: faster matmuls
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
 LOSS_IMPLS = ("chunked", "full")
 # Float32 logits per device in one chunk of the chunked loss, when loss_chunk=0 picks the chunk: big
 # enough that each chunk's matmul fills an accelerator (>= 1k tokens of GPT-2's 50k vocabulary), small
@@ -70,8 +75,9 @@ class GPTConfig:
         remat: activation checkpointing of each block: "none", "full" (save nothing), or the name of
             a `jax.checkpoint_policies` policy, e.g. "dots_with_no_batch_dims_saveable".
         attention: "xla" (the scores and a float32 softmax written out, compiled by XLA), "cudnn"
-            (`jax.nn.dot_product_attention`'s fused cuDNN kernel, GPU only), or "auto" (cudnn on a
-            GPU with bf16/fp16, xla elsewhere).
+            (`jax.nn.dot_product_attention`'s fused cuDNN kernel, GPU only), "splash" (jax's Pallas
+            splash attention kernel for TPUs; Pallas interpret mode on CPUs, for tests), or "auto"
+            (splash on TPUs, cudnn on a GPU with bf16/fp16, xla elsewhere). See `attention_impl`.
         loss: how the output head and the cross-entropy run in `GPT.losses` (training and eval):
             "chunked" (chunks of positions through a rematerialised scan: no float32 (B, T, V) logits
             live in the step, forward or backward) or "full" (the whole logits at once).
@@ -227,7 +233,9 @@ def implementations(config: GPTConfig, platform: str, rows: int, T: int | None =
     tool name it: {"attention": "splash" / "cudnn" / "xla" (with the reason of a fallback),
     "loss": `describe_loss`}."""
     T = T or config.block_size
-    return {"attention": _attention_impl(config), "loss": describe_loss(config, rows, T)}
+    choice = attention_impl(config, platform, seq_len=T)
+    attention = f"{choice.impl} ({choice.reason})" if choice.reason else choice.impl
+    return {"attention": attention, "loss": describe_loss(config, rows, T)}
 
 
 def describe_loss(config: GPTConfig, rows: int, T: int) -> str:
@@ -260,6 +268,134 @@ class KVCache:
         return cls(jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype))
 
 
+# ---- which attention runs --------------------------------------------------------------------
+
+SPLASH_BLOCK_SIZES = (512, 256, 128)  # tiles of the splash kernel, largest first; TPU tiles are multiples of 128
+
+
+class AttentionChoice(NamedTuple):
+    """What `attention_impl` decided: `impl` runs ("xla", "cudnn" or "splash"); `reason` says why it
+    is not the kernel the config asked for ("" when it is)."""
+
+    impl: str
+    reason: str
+
+
+def context_platform() -> str:
+    """The platform ("cpu", "gpu", "tpu") of the devices a step is traced for: those of the mesh in
+    context (`sharding.activate`), else the default backend's. An AOT compile on a CPU host for a
+    TPU topology thus sees "tpu"."""
+    device = jax.sharding.get_abstract_mesh().abstract_device  # None when no mesh is in context
+    return device.platform if device is not None else jax.default_backend()
+
+
+def splash_block_size(seq_len: int) -> int | None:
+    """The splash kernel's query/key tile for a sequence of seq_len tokens: the largest of
+    SPLASH_BLOCK_SIZES that divides it, or None when none does (the kernel cannot tile it)."""
+    return next((b for b in SPLASH_BLOCK_SIZES if seq_len % b == 0), None)
+
+
+def attention_impl(
+    config: GPTConfig, platform: str | None = None, *, seq_len: int | None = None, train: bool = True
+) -> AttentionChoice:
+    """The self-attention that runs for `config` (without a KV cache; decoding always runs the XLA path).
+
+    Args:
+        config: its `attention` ("xla", "cudnn", "splash", "auto"), dtype and dropout decide.
+        platform: "cpu", "gpu" or "tpu"; default `context_platform()` (the mesh in context).
+        seq_len: tokens per sequence T; default config.block_size (what the train and eval steps run).
+        train: dropout is active (the train step); eval and prediction pass False.
+
+    "auto" is splash on TPUs, cudnn on GPUs with bfloat16/float16 (cuDNN's fused attention has no
+    float32), xla otherwise. Neither kernel has dropout: with config.dropout > 0 in training they
+    give way to xla; splash also does when seq_len is not a multiple of 128 (its smallest tile).
+    "splash" on CPUs runs the kernel in Pallas interpret mode (slow; it exists to test it).
+
+    Returns:
+        AttentionChoice(impl, reason): impl is what runs, reason why it differs from a kernel that
+        was asked for (explicitly or by "auto"), else "".
+
+    Raises:
+        ConfigError: "splash" on GPUs (it is a TPU kernel; cudnn is the GPU's).
+    """
+    platform = platform or context_platform()
+    T = seq_len or config.block_size
+    impl = config.attention
+    if impl == "auto":
+        if platform == "tpu":
+            impl = "splash"
+        elif platform == "gpu" and config.dtype in ("bfloat16", "float16"):
+            impl = "cudnn"
+        else:
+            return AttentionChoice("xla", "")
+    if impl == "splash" and platform == "gpu":
+        raise ConfigError("model.attention='splash': splash attention is a TPU kernel; on GPUs use 'cudnn' "
+                          "(or 'auto')")
+    if impl in ("splash", "cudnn") and train and config.dropout > 0:
+        return AttentionChoice("xla", f"{impl} attention has no dropout; training with model.dropout="
+                               f"{config.dropout} uses the XLA attention (set model.dropout=0 to use {impl})")
+    if impl == "splash" and splash_block_size(T) is None:
+        return AttentionChoice("xla", f"splash attention tiles sequences in blocks of 128 tokens; sequences of {T} "
+                               "tokens do not divide into them, so the XLA attention runs (use a multiple of 128)")
+    return AttentionChoice(impl, "")
+
+
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    """Log a message the first time it comes up in this process (traces repeat; the reason does not)."""
+    if message not in _logged:
+        _logged.add(message)
+        logging.warning("%s", message)
+
+
+def splash_attention(q_BTHK: Array, k_BTHK: Array, v_BTHK: Array, *, interpret: bool = False) -> Array:
+    """Causal softmax attention of q, k, v (B, T, H, K) -> (B, T, H, K) in q's dtype, by jax's Pallas
+    splash (flash) attention kernel: the (T, T) scores are never written out, so the step holds
+    no float32 (B, H, T, T) arrays (jax.experimental.pallas.ops.tpu.splash_attention).
+
+    The kernel computes one sequence's (H, T, K) heads: it is vmapped over the batch and run under
+    `jax.shard_map` over the mesh in context, the batch split over data x fsdp and the heads over
+    tensor. A dimension those axes do not divide is replicated along them instead (each of those
+    devices then computes the whole dimension: correct, only redundant), as `sharding` does for
+    parameters: heads when n_head % mesh.tensor != 0 (gpt2-xl's 25 heads; the c_attn kernel's
+    heads are replicated then too), the batch when it is smaller than data x fsdp, e.g. one prompt.
+    T must be a multiple of 128 (`splash_block_size`); `attention_impl` falls back to XLA otherwise.
+    The kernel applies no 1/sqrt(K) scale, so q is scaled first (exact for K a power of 4: 1/8 at 64).
+
+    interpret: run the kernel in Pallas interpret mode (CPUs; the TPU compiler is not needed).
+    """
+    B, T, H, K = q_BTHK.shape
+    block = splash_block_size(T)
+    if block is None:
+        raise ValueError(f"splash attention needs T to be a multiple of 128; got T={T}")
+    q_BTHK = q_BTHK * jnp.asarray(1 / math.sqrt(K), q_BTHK.dtype)
+
+    def attend(q_BTHK: Array, k_BTHK: Array, v_BTHK: Array) -> Array:  # one device's share
+        from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+        heads = q_BTHK.shape[2]
+        mask = splash.MultiHeadMask([splash.CausalMask((T, T)) for _ in range(heads)])
+        blocks = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                                   block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                                   block_kv_dq=block)
+        kernel = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                                        interpret=interpret)
+        to_BHTK = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731 - the kernel's head-major layout
+        return to_BHTK(jax.vmap(kernel)(to_BHTK(q_BTHK), to_BHTK(k_BTHK), to_BHTK(v_BTHK)))
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:  # no mesh in context: one device, or jit's own choice
+        return attend(q_BTHK, k_BTHK, v_BTHK)
+    batch_axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names) or None
+    heads_axis = "tensor" if "tensor" in mesh.axis_names else None
+    spec = sharding.fit_spec(P(batch_axes, None, heads_axis, None), q_BTHK.shape, mesh, "splash attention's q/k/v")
+    # check_vma=False: the kernel's pallas_call does not declare how its outputs vary over the mesh axes
+    return jax.shard_map(attend, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
+        q_BTHK, k_BTHK, v_BTHK)
+
+
 # ---- the modules ----------------------------------------------------------------------------
 
 
@@ -278,14 +414,6 @@ def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
         bias_init=_zeros_init(("norm",)),
     )
-
-
-def _attention_impl(config: GPTConfig) -> str:
-    if config.attention != "auto":
-        return config.attention
-    # cuDNN's fused attention needs a GPU; it supports bf16/fp16 only
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and config.dtype in ("bfloat16", "float16") else "xla"
 
 
 class Projection(nn.Module):
@@ -367,9 +495,16 @@ class CausalSelfAttention(nn.Module):
 
     def _attend(self, q_BTHK: Array, k_BTHK: Array, v_BTHK: Array, deterministic: bool) -> Array:
         c = self.config
-        dropout = not deterministic and c.dropout > 0.0
-        if _attention_impl(c) == "cudnn" and not dropout:  # the fused kernel (it has no dropout)
+        platform = context_platform()
+        impl, reason = attention_impl(c, platform, seq_len=q_BTHK.shape[1], train=not deterministic)
+        if reason and not self.is_initializing():  # init traces one token, which no kernel is chosen for
+            _log_once(reason)
+        if impl == "cudnn":  # the fused kernel
             return jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, is_causal=True, implementation="cudnn")
+        if impl == "splash":
+            if platform != "tpu" and not self.is_initializing():
+                _log_once(f"splash attention runs in Pallas interpret mode on {platform} devices (slow: for tests)")
+            return splash_attention(q_BTHK, k_BTHK, v_BTHK, interpret=platform != "tpu")
         # XLA: the scores explicitly, the softmax in float32. The same math as
         # jax.nn.dot_product_attention(implementation="xla"), whose vmapped form measured slower on a CPU
         # (run_bench.py, shakespeare_char.py:cpu train step: 51.8 -> 50.1 ms); dropout needs the weights anyway
@@ -378,7 +513,7 @@ class CausalSelfAttention(nn.Module):
         T = q_BTHK.shape[1]
         causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
         probs_BHTT = jax.nn.softmax(jnp.where(causal_TT, scores_BHTT, -jnp.inf), axis=-1)
-        if dropout:
+        if not deterministic and c.dropout > 0.0:
             probs_BHTT = nn.Dropout(c.dropout)(probs_BHTT, deterministic=False)
         return jnp.einsum("bhts,bshk->bthk", probs_BHTT.astype(v_BTHK.dtype), v_BTHK)
 
