@@ -200,7 +200,7 @@ def compile_train_step(config: ConfigDict, topology_name: str) -> Report:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
     n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract.params))
-    est = memory.estimate(gcfg, batch_size=B, grad_accum=A, mesh_shape=shape)
+    est = memory.estimate(gcfg, batch_size=B, grad_accum=A, mesh_shape=shape, platform="tpu")
     peak = metrics.peak_for_kind(topo.devices[0].device_kind, "bfloat16", "tpu").flops
     return Report(
         topology=topology_name, jax_topology=topo.jax_name, devices=n, hbm_bytes=topo.hbm_bytes, mesh=shape,

@@ -1,7 +1,7 @@
 """How much memory one device needs for a training step, by formula, before compiling anything.
 
     python -m nanogpt_jax.memory --config configs/owt.py:gpt2-xl --config.mesh.data=1 --config.mesh.fsdp=8 \\
-        --config.model.dtype=bfloat16 --devices=8 --hbm_gib=16
+        --config.model.dtype=bfloat16 --devices=8 --hbm_gib=16 --platform=tpu
 
 The model is the one the run would train: the config's shape, its vocabulary as training picks it
 (model.vocab_size, else the data folder's meta.json, else GPT-2's when data.data_dir does not exist
@@ -27,7 +27,9 @@ micro-step, a compute dtype of c bytes and tensor-parallel size t:
                  4 whole (block input, ln_1 out, residual after attention, ln_2 out) and 12 split
                  over tensor (q, k, v, attention output, the MLP hidden before and after GELU);
                  plus H/t x T attention entries of 8 + c bytes (float32 scores and probabilities,
-                 and the probabilities in the compute dtype for the second matmul). remat="full"
+                 and the probabilities in the compute dtype for the second matmul) with the XLA
+                 attention, or H/t float32 log-sum-exps with splash attention (TPUs), which never
+                 writes the scores out (`model.attention_impl` decides which runs). remat="full"
                  keeps only each block's input (D x c per token and layer) plus one layer being
                  recomputed; other remat policies are counted as "none" (an upper bound)
     logits       the float32 logits, n x V/t x 4 (their gradient takes over the buffer); with the
@@ -63,7 +65,7 @@ from ml_collections import ConfigDict
 from nanogpt_jax import config as config_lib
 from nanogpt_jax import data, sharding
 from nanogpt_jax.errors import ConfigError, UserError
-from nanogpt_jax.model import GPT, GPT2_SIZES, GPT2_VOCAB_SIZE, GPTConfig, loss_chunk_len
+from nanogpt_jax.model import GPT, GPT2_SIZES, GPT2_VOCAB_SIZE, GPTConfig, attention_impl, loss_chunk_len
 
 GiB = 1024**3
 
@@ -130,13 +132,15 @@ def param_counts(config: GPTConfig, mesh_shape: Mapping[str, int]) -> tuple[int,
     return sharded, gathered, blocks
 
 
-def estimate(config: GPTConfig, *, batch_size: int, grad_accum: int, mesh_shape: Mapping[str, int]) -> MemoryEstimate:
+def estimate(config: GPTConfig, *, batch_size: int, grad_accum: int, mesh_shape: Mapping[str, int],
+             platform: str | None = None) -> MemoryEstimate:
     """Per-device bytes of one training step of `config`; the terms are in the module docstring.
 
     Args:
         config: the model. Its dtype is the compute dtype (resolve "auto" first); remat is read.
         batch_size: global sequences per micro-step. grad_accum: micro-steps per optimizer step.
         mesh_shape: {"data": d, "fsdp": f, "tensor": t}, every size known (see `mesh_shape_for`).
+        platform: "cpu", "gpu" or "tpu", for the attention that runs there (default: this machine's).
     Raises:
         ConfigError: batch_size is not divisible by data x fsdp.
     """
@@ -148,7 +152,8 @@ def estimate(config: GPTConfig, *, batch_size: int, grad_accum: int, mesh_shape:
     n_sharded, n_gathered, n_blocks = param_counts(config, mesh_shape)
     params = 4 * n_sharded
     heads = H // t if H % t == 0 else H
-    per_layer_token = 4 * D * c + 12 * D * c // t + heads * T * (8 + c)
+    splash = attention_impl(config, platform or jax.default_backend()).impl == "splash"
+    per_layer_token = 4 * D * c + 12 * D * c // t + (heads * 4 if splash else heads * T * (8 + c))
     if config.remat == "full":
         activations = tokens * (L * D * c + per_layer_token)
         layers_kept = 2  # the layer being recomputed, and the next one's gathered weights
@@ -235,9 +240,11 @@ def format_table(est: MemoryEstimate, hbm_bytes: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def report(config: ConfigDict, devices: int | None = None, hbm_gib: float | None = None) -> MemoryEstimate:
+def report(config: ConfigDict, devices: int | None = None, hbm_gib: float | None = None,
+           platform: str | None = None) -> MemoryEstimate:
     """Print the estimate for the config's model, batch and mesh on `devices` devices (default: this
-    machine's); with `hbm_gib`, whether it fits that much memory per device.
+    machine's); with `hbm_gib`, whether it fits that much memory per device. `platform` ("cpu",
+    "gpu", "tpu"; default this machine's) decides which attention model.attention=auto runs.
 
     Raises:
         UserError: it does not fit `hbm_gib` (after printing), so the CLI exits 1; ConfigError for a
@@ -248,9 +255,11 @@ def report(config: ConfigDict, devices: int | None = None, hbm_gib: float | None
     dtype = config_lib.resolve_dtype(config.model.dtype)  # "auto" as training resolves it on this backend
     gcfg, vocab_source = model_config(config, dtype)
     B, A = config.train.batch_size, config.train.gradient_accumulation_steps
-    est = estimate(gcfg, batch_size=B, grad_accum=A, mesh_shape=shape)
+    platform = platform or jax.default_backend()
+    est = estimate(gcfg, batch_size=B, grad_accum=A, mesh_shape=shape, platform=platform)
     auto = f" (model.dtype=auto on {jax.default_backend()})" if config.model.dtype == "auto" else ""
-    print(f"{gcfg.n_layer} layers x {gcfg.n_embd} wide, {dtype}{auto}, remat={gcfg.remat}; {A} x {B} sequences x "
+    print(f"{gcfg.n_layer} layers x {gcfg.n_embd} wide, {dtype}{auto}, remat={gcfg.remat}, attention "
+          f"{attention_impl(gcfg, platform).impl} on {platform}; {A} x {B} sequences x "
           f"{gcfg.block_size} tokens; {n} devices, mesh " + " ".join(f"{k}={v}" for k, v in shape.items()))
     print(f"vocabulary {gcfg.vocab_size:,} ({vocab_source})")
     hbm_bytes = int(hbm_gib * GiB) if hbm_gib else None
@@ -264,7 +273,7 @@ def report(config: ConfigDict, devices: int | None = None, hbm_gib: float | None
 
 def main(config: ConfigDict) -> MemoryEstimate:
     """`python -m nanogpt_jax.memory`: `report` with the --devices and --hbm_gib flags."""
-    return report(config, flags.FLAGS.devices, flags.FLAGS.hbm_gib)
+    return report(config, flags.FLAGS.devices, flags.FLAGS.hbm_gib, flags.FLAGS.platform)
 
 
 if __name__ == "__main__":
@@ -272,6 +281,8 @@ if __name__ == "__main__":
     # beside another module with a flag of the same name (e.g. --json) cannot fail
     flags.DEFINE_integer("devices", None, "devices of the mesh (default: this machine's)")
     flags.DEFINE_float("hbm_gib", None, "memory per device in GiB, to say whether the step fits")
+    flags.DEFINE_enum("platform", None, ["cpu", "gpu", "tpu"], "where the step runs, for the attention "
+                      "model.attention=auto picks (default: this machine's)")
     from nanogpt_jax import cli
 
     cli.main(main)

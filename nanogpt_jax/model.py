@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax
@@ -408,8 +409,10 @@ def _zeros_init(names: tuple[str | None, ...]):
 
 
 def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
-    # GPT-2's epsilon is 1e-5 (Flax's default, 1e-6, shifts the logits of pretrained weights)
-    return nn.LayerNorm(
+    # GPT-2's epsilon is 1e-5 (Flax's default, 1e-6, shifts the logits of pretrained weights).
+    # nn.remat: the backward pass recomputes the normalisation from the input, which the residual
+    # stream keeps anyway; XLA would otherwise keep its float32 intermediates, several (B, T, D) each
+    return nn.remat(nn.LayerNorm)(
         epsilon=1e-5, use_bias=config.bias, dtype=config.compute_dtype, name=name,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
         bias_init=_zeros_init(("norm",)),
@@ -421,6 +424,11 @@ class Projection(nn.Module):
 
     `nn.DenseGeneral` would create its kernel flat and reshape it, which loses the per-axis
     logical names that let tensor parallelism split the heads.
+
+    `activation`, when given, is applied to x first, and it and the matmul run under one
+    `jax.checkpoint`: the backward pass recomputes the activation from x (elementwise, cheap)
+    instead of keeping its output for the matmul's weight gradient. For GPT-2's GELU before
+    mlp.c_proj that saves a (B, T, 4D) array per layer, the largest activation of the step.
     """
 
     in_shape: tuple[int, ...]
@@ -428,13 +436,21 @@ class Projection(nn.Module):
     names: tuple[str | None, ...]  # logical axis names of the kernel, in_shape + out_shape
     std: float
     config: GPTConfig
+    activation: Callable[[Array], Array] | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c, n_in = self.config, len(self.in_shape)
         kernel = self.param("kernel", _dense_init(self.std, self.names), self.in_shape + self.out_shape)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(c.compute_dtype), kernel.astype(c.compute_dtype), (contract, ((), ())))
+
+        def project(x: Array, kernel: Array) -> Array:
+            x = x.astype(c.compute_dtype)
+            if self.activation is not None:
+                x = self.activation(x)
+            return jax.lax.dot_general(x, kernel.astype(c.compute_dtype), (contract, ((), ())))
+
+        y = (project if self.activation is None else jax.checkpoint(project))(x, kernel)
         if c.bias:
             y = y + self.param("bias", _zeros_init(self.names[n_in:]), self.out_shape).astype(c.compute_dtype)
         return y
@@ -531,11 +547,12 @@ class MLP(nn.Module):
             kernel_init=_dense_init(0.02, ("embed", "mlp")), bias_init=_zeros_init(("mlp",)),
         )(x_BTD)
         h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "mlp"))
-        h_BTF = nn.gelu(h_BTF, approximate=True)  # GPT-2 was trained with the tanh approximation
-        y_BTD = nn.Dense(
-            c.n_embd, use_bias=c.bias, dtype=c.compute_dtype, name="c_proj",
-            kernel_init=_dense_init(0.02 / math.sqrt(2 * c.n_layer), ("mlp", "embed")),
-            bias_init=_zeros_init(("embed",)),
+        # GPT-2 was trained with the tanh approximation of the GELU. It runs inside c_proj's checkpoint
+        # (Projection.activation): the backward pass recomputes it rather than keep its (B, T, 4D) output
+        # and the tanh formula's intermediates, the largest activations of the step
+        y_BTD = Projection(
+            (4 * c.n_embd,), (c.n_embd,), ("mlp", "embed"), 0.02 / math.sqrt(2 * c.n_layer), c,
+            activation=functools.partial(nn.gelu, approximate=True), name="c_proj",
         )(h_BTF)
         return nn.Dropout(c.dropout)(y_BTD, deterministic=deterministic)
 
