@@ -104,7 +104,7 @@ def check_run_folder(config: ConfigDict) -> int | None:
         storage.check_bucket(config.out_dir, "out_dir")
     out = storage.path(config.out_dir)
     ckpt_dir = checkpoint_dir(out)
-    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
+    steps = _saved_steps(ckpt_dir)
     logs = [name for name in RUN_FILES if (out / name).exists()]
     if logs and not steps:  # a run stopped (killed) before its first checkpoint: nothing to resume, logs to keep
         raise UserError(
@@ -125,6 +125,15 @@ def check_run_folder(config: ConfigDict) -> int | None:
             f"out_dir {str(out)!r} already holds a run ({', '.join(held)}); continue it with "
             "--config.init_from=resume, or start a new run with a new --config.out_dir")
     return None
+
+
+def _saved_steps(ckpt_dir: storage.AnyPath) -> list[int]:
+    """The complete checkpoints' steps, as orbax finds them: on a bucket a step folder exists while it is
+    being written (objects cannot be renamed into place), so the folder names alone are not enough."""
+    if not ckpt_dir.is_dir():
+        return []
+    with Checkpointer(ckpt_dir, read_only=True) as ckpt:
+        return ckpt.all_steps()
 
 
 class NothingToTrain(Exception):
