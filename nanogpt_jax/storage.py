@@ -277,6 +277,37 @@ def _fetch_checked(remote: epath.Path, local: pathlib.Path, meta: dict, split: s
                     "again: python data_prep/<dataset>.py --out_dir " + os.fspath(remote.parent))
 
 
+WEIGHTS_CACHE_DIR = "~/.cache/nanogpt_jax/weights"  # local copies of gs:// Hugging Face folders (init_from)
+
+
+def local_folder(url: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """A local copy of the files directly in the bucket folder `url` (e.g. an HF folder: config.json,
+    model.safetensors), in `cache_folder(url, cache_dir)`; a file already there with the bucket's size
+    is not copied again (HF folders carry no checksums; a partial copy resumes as in `local_data_dir`).
+
+    Raises:
+        UserError: no such folder or bucket, no credentials (see `explain`).
+    """
+    url = os.fspath(url).rstrip("/")
+    local = cache_folder(url, cache_dir or WEIGHTS_CACHE_DIR)
+    try:
+        files = [p for p in epath.Path(url).iterdir() if not p.is_dir()]
+        if not files:
+            raise FileNotFoundError(f"no files under {url}")
+        sizes = {p.name: p.stat().length for p in files}
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise explain(e, url, "read") from None
+    with _locked(local):
+        for p in files:
+            target = local / p.name
+            if not (target.exists() and target.stat().st_size == sizes[p.name]):
+                target.unlink(missing_ok=True)
+                _download(p, target, sizes[p.name], show=True)
+    return local
+
+
 @contextlib.contextmanager
 def local_staging(out_dir: str | os.PathLike) -> Iterator[pathlib.Path]:
     """A local folder to build `out_dir`'s files in: `out_dir` itself when local, else a temporary

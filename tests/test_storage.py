@@ -244,3 +244,15 @@ def test_no_credentials(gcs_server, token_data, tmp_path, monkeypatch):
         monkeypatch.undo()
         fresh_clients()
     assert "no Google Cloud credentials" in _one_line(e) and "gcloud auth application-default login" in str(e.value)
+
+
+def test_export_to_a_bucket_and_init_from_it(gcs_server, tiny_config, tiny_params, tmp_path, monkeypatch):
+    """export_hf writes an HF folder to gs://; load_pretrained (init_from) copies it back and reads it."""
+    from nanogpt_jax import convert
+
+    monkeypatch.setattr(storage, "WEIGHTS_CACHE_DIR", str(tmp_path / "weights"))
+    url = f"{gcs_server()}/exports/tiny-hf"
+    convert.export_hf(tiny_config, tiny_params, url)
+    assert {p.name for p in storage.path(url).iterdir()} == {"config.json", "model.safetensors"}
+    _, params = convert.load_pretrained(url)
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), params, tiny_params))
