@@ -28,7 +28,6 @@ import io
 import json
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterator
 from typing import Union
 
@@ -44,7 +43,6 @@ from nanogpt_jax.errors import DataError, UserError
 fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 
 AnyPath = Union[pathlib.Path, epath.Path]  # noqa: UP007 - a runtime alias
-DATA_FILES = ("meta.json", "train.bin", "val.bin")  # what a prepared data folder holds (nanogpt_jax.prepare)
 CHUNK_BYTES = 8 << 20  # download and hash in pieces of this size
 DEFAULT_CACHE_DIR = "~/.cache/nanogpt_jax/data"  # configs/default.py's data.cache_dir
 
@@ -254,7 +252,7 @@ def local_data_dir(url: str | os.PathLike, cache_dir: str | os.PathLike, splits:
 def _fetch_checked(remote: epath.Path, local: pathlib.Path, meta: dict, split: str, show: bool) -> None:
     size, sha = _expected(meta, split)
     if size is None:
-        size = remote.stat().length if hasattr(remote.stat(), "length") else remote.stat().st_size
+        size = remote.stat().length
     note = local.with_name(local.name + ".sha256")
     if local.exists() and local.stat().st_size == size and note.exists() and note.read_text() == (sha or "size"):
         return  # checked when it was copied
@@ -306,14 +304,3 @@ def local_folder(url: str | os.PathLike, cache_dir: str | os.PathLike | None = N
                 target.unlink(missing_ok=True)
                 _download(p, target, sizes[p.name], show=True)
     return local
-
-
-@contextlib.contextmanager
-def local_staging(out_dir: str | os.PathLike) -> Iterator[pathlib.Path]:
-    """A local folder to build `out_dir`'s files in: `out_dir` itself when local, else a temporary
-    folder (removed after) whose files the caller uploads."""
-    if not is_url(out_dir):
-        yield pathlib.Path(out_dir).expanduser()
-        return
-    with tempfile.TemporaryDirectory(prefix="nanogpt_jax-") as tmp:
-        yield pathlib.Path(tmp)
