@@ -32,7 +32,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.model.dtype = "auto"  # compute dtype: float32, bfloat16, or auto (bfloat16 on GPU/TPU, else float32)
     c.model.scan_layers = False  # nn.scan over blocks: compile time independent of depth
     c.model.remat = "none"  # none, full, or a jax.checkpoint_policies name (activation memory)
-    c.model.attention = "auto"  # xla, cudnn, or auto (cudnn on GPUs with bf16/fp16)
+    c.model.attention = "auto"  # xla, cudnn, splash, or auto (splash on TPUs, cudnn on GPUs with bf16/fp16)
+    # output head + cross-entropy: chunked (chunks of positions, no float32 (B, T, V) logits kept) or full
+    c.model.loss = "chunked"
+    c.model.loss_chunk = 0  # positions per chunk of the chunked loss; 0: from the shapes (~256 MiB logits/device)
 
     c.data = config_dict.ConfigDict()
     c.data.data_dir = "data/openwebtext"  # folder with train.bin, val.bin and meta.json; or gs://bucket/folder
@@ -84,19 +87,28 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.sample.checkpoint = "latest"  # with init_from=resume: latest or best
 
     c.eval = config_dict.ConfigDict()
-    c.eval.tasks = ("loss",)  # loss, text, wikitext2, hellaswag
+    # loss, text, wikitext2, hellaswag, and lm-evaluation-harness tasks as "lm_eval:<task>[,<task>...]"
+    # (pip install -e .[eval]; docs/evaluation.md)
+    c.eval.tasks = ("loss",)
     c.eval.split = "val"  # split of data_dir for the loss task
     c.eval.text_path = placeholder(str)  # text file for the text task
     c.eval.stride = placeholder(int)  # sliding-window stride in tokens; None = block_size (wikitext2: half)
     # quick runs: hellaswag scores its first max_examples examples, wikitext2 its first max_examples windows
-    # (of block_size tokens, every eval.stride); loss and text always score every token. None = no cap
+    # (of block_size tokens, every eval.stride), lm_eval tasks their first max_examples documents (the harness's
+    # limit); loss and text always score every token. None = no cap
     c.eval.max_examples = placeholder(int)
-    # global rows per forward pass: windows (loss, text, wikitext2) or examples of 4 endings (hellaswag);
+    # global rows per forward pass: windows (loss, text, wikitext2), examples of 4 endings (hellaswag) or
+    # requests (lm_eval: scored rows, prompts generated together);
     # rounded up to a multiple of mesh.data x mesh.fsdp
     c.eval.batch_size = 8
     c.eval.out = placeholder(str)  # report path (JSON; a .md beside it); None = out_dir/eval.json
     c.eval.checkpoint = "latest"  # with init_from=resume: latest or best (lowest val loss)
     c.eval.cache_dir = "data"  # downloads: <cache_dir>/hellaswag/, <cache_dir>/wikitext-2/
+    # hellaswag's text: llmc (raw ctx and endings, llm.c's figures) or harness (lm-evaluation-harness's
+    # hellaswag: activity label, cleaned text; then acc / acc_norm_char are the harness's acc / acc_norm)
+    c.eval.hellaswag_prompt = "llmc"
+    c.eval.lm_eval_include_path = placeholder(str)  # lm_eval tasks: a folder of extra task YAMLs
+    c.eval.num_fewshot = placeholder(int)  # lm_eval tasks: few-shot examples; None = each task's default
 
     c.bench = config_dict.ConfigDict()
     c.bench.mode = "train"  # train, generate, data or profile

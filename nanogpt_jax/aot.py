@@ -3,12 +3,15 @@
     pip install -e .[tpu]          # libtpu, the TPU compiler; it runs on any x86-64 Linux machine
     python -m nanogpt_jax.aot --config configs/owt.py:gpt2-xl --config.mesh.data=1 --config.mesh.fsdp=8 \\
         --topology v5e-8
+    python -m nanogpt_jax.aot --config configs/owt.py --config.mesh.data=8 --topology v5e-8 --sweep=8,16,24,32
 
 JAX can compile for TPU devices that are not there (`jax.experimental.topologies`): this builds the
 mesh of the config over the devices of `--topology`, lowers `step.make_train_step(...)` on
 abstract inputs (no array is ever allocated) and compiles it with the TPU compiler. It prints the
 compiled program's memory per chip (`memory_analysis()`) beside `nanogpt_jax.memory`'s estimate,
-whether that fits the chip's HBM, the FLOPs per chip (`cost_analysis()`) and the compile time.
+whether that fits the chip's HBM, the FLOPs per chip (`cost_analysis()`), the attention and loss
+implementations compiled, and the compile time. `--sweep` compiles a list of per-chip batch sizes
+and stops at the first that does not fit: the largest batch that fits.
 If XLA cannot fit the program, compilation itself fails and the tool says so (exit status 1).
 
 Off a TPU VM, an importable libtpu makes every JAX program try the (absent) TPU first and print
@@ -32,12 +35,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from absl import flags
+from absl import flags, logging
 from ml_collections import ConfigDict
 
 from nanogpt_jax import memory, metrics, sharding
 from nanogpt_jax.errors import ConfigError, UserError
-from nanogpt_jax.model import GPT
+from nanogpt_jax.model import GPT, implementations
 from nanogpt_jax.optim import make_optimizer
 
 GiB = 1024**3
@@ -138,6 +141,7 @@ class Report:
     flops: float | None  # cost_analysis() FLOPs per chip, each loop body (micro-step, scanned layer) once
     model_flops: float  # 6N + 12 L d T per token (metrics.FLOPS_FORMULA) x tokens / chips
     peak_flops: float | None  # per chip, bf16 datasheet
+    implementations: dict[str, str]  # the attention and the loss that ran (`model.implementations`)
     lower_seconds: float
     compile_seconds: float
     error: str | None = None
@@ -204,6 +208,7 @@ def compile_train_step(config: ConfigDict, topology_name: str) -> Report:
         memory=mem, estimate=dataclasses.asdict(est) | {"total": est.total},
         flops=float(cost["flops"]) if cost and "flops" in cost else None,
         model_flops=gcfg.flops_per_token(T) * A * B * T / n, peak_flops=peak,
+        implementations=implementations(gcfg, "tpu", B // (shape["data"] * shape["fsdp"]), T),
         lower_seconds=t1 - t0, compile_seconds=t2 - t1, error=error)
 
 
@@ -216,6 +221,7 @@ def format_report(r: Report) -> str:
         + " ".join(f"{k}={v}" for k, v in r.mesh.items()),
         f"model: {m['n_layer']} layers x {m['n_embd']} wide, {r.params / 1e6:.1f}M parameters, {m['dtype']}, "
         f"remat={m['remat']}, scan_layers={m['scan_layers']}",
+        f"attention: {r.implementations['attention']}; loss: {r.implementations['loss']}",
         f"batch: {r.grad_accum} micro-steps x {r.batch_size} sequences x {m['block_size']} tokens = "
         f"{r.tokens_per_step:,} tokens per step",
         "",
@@ -260,13 +266,63 @@ def format_report(r: Report) -> str:
     return "\n".join(lines)
 
 
-def main(config: ConfigDict) -> Report:
-    """`python -m nanogpt_jax.aot`: compile and print the report (and write --json).
+def sweep(config: ConfigDict, topology_name: str, per_chip: list[int]) -> list[Report]:
+    """Compile the step for each per-chip batch in `per_chip` (ascending), stopping after the first
+    that does not fit: the largest batch that fits is the last fitting report's. Each size sets
+    train.batch_size = size x mesh.data x mesh.fsdp; everything else is the config's."""
+    reports: list[Report] = []
+    shape = memory.mesh_shape_for(config, len(topology(topology_name).devices))
+    for size in sorted(per_chip):
+        c = config.copy_and_resolve_references()
+        c.train.batch_size = size * shape["data"] * shape["fsdp"]
+        reports.append(compile_train_step(c, topology_name))
+        logging.info("per-chip batch %d: %s", size, "fits" if reports[-1].fits else "does not fit")
+        if not reports[-1].fits:
+            break
+    return reports
+
+
+def format_sweep(reports: list[Report]) -> str:
+    """One line per size tried, and the largest per-chip batch that fits."""
+    r0 = reports[0]
+    divisor = r0.mesh["data"] * r0.mesh["fsdp"]
+    lines = [f"{r0.topology}: per-chip batch sweep, block_size {r0.model['block_size']}, {r0.model['dtype']}, "
+             f"remat={r0.model['remat']}, attention: {r0.implementations['attention']}",
+             f"{'per chip':>8}  {'GiB/chip':>8}  {'of HBM':>6}  {'loss':<34}compile"]
+    for r in reports:
+        used = f"{r.compiled_bytes / GiB:8.2f}  {100 * r.compiled_bytes / r.hbm_bytes:5.0f}%" if r.memory else \
+            f"{'-':>8}  {'-':>6}"
+        lines.append(f"{r.batch_size // divisor:>8}  {used}  {r.implementations['loss']:<34}"
+                     f"{r.compile_seconds:5.1f} s{'' if r.fits else '  does NOT fit'}")
+    fitting = [r.batch_size // divisor for r in reports if r.fits]
+    lines.append(f"largest per-chip batch that fits: {fitting[-1]}" if fitting else "no size tried fits")
+    return "\n".join(lines)
+
+
+def main(config: ConfigDict) -> Report | list[Report]:
+    """`python -m nanogpt_jax.aot`: compile and print the report (and write --json); with --sweep,
+    compile each per-chip batch of the list and print one line for each.
 
     Raises:
         UserError: the step does not fit the chip's HBM (after printing the report), so the CLI
             exits 1; ConfigError for a bad topology, mesh or batch.
     """
+    if flags.FLAGS.sweep:
+        try:
+            sizes = [int(s) for s in flags.FLAGS.sweep.split(",")]
+        except ValueError:
+            raise ConfigError(f"--sweep={flags.FLAGS.sweep!r}: give per-chip batch sizes as integers, e.g. "
+                              "--sweep=8,16,24,32") from None
+        reports = sweep(config, flags.FLAGS.topology, sizes)
+        print(format_sweep(reports), flush=True)
+        if flags.FLAGS.json:
+            with open(flags.FLAGS.json, "w") as f:
+                json.dump([dataclasses.asdict(r) | {"compiled_bytes": r.compiled_bytes, "fits": r.fits}
+                           for r in reports], f, indent=2)
+        if not reports[0].fits:
+            raise UserError(f"no per-chip batch of --sweep fits {reports[0].topology}; try smaller sizes, "
+                            "mesh.fsdp or model.remat=full")
+        return reports
     report = compile_train_step(config, flags.FLAGS.topology)
     print(format_report(report), flush=True)
     if flags.FLAGS.json:
@@ -286,6 +342,8 @@ if __name__ == "__main__":
     # beside another module with a flag of the same name (e.g. --json) cannot fail
     flags.DEFINE_string("topology", "v5e-8", "TPU slice: v5e-8, v4-8, v5p-8, v6e-8, ... or v5e:2x4")
     flags.DEFINE_string("json", None, "also write the report to this JSON file")
+    flags.DEFINE_string("sweep", None, "per-chip batch sizes to try, ascending, e.g. 8,16,24,32: compiles each "
+                        "(train.batch_size = size x mesh.data x mesh.fsdp) until one does not fit")
     from nanogpt_jax import cli
 
     cli.main(main)

@@ -19,7 +19,7 @@ from nanogpt_jax.errors import ConfigError
 from nanogpt_jax.model import DTYPES, GPT2_SIZES, GPTConfig
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout", "bias", "dtype",
-              "scan_layers", "remat", "attention")
+              "scan_layers", "remat", "attention", "loss", "loss_chunk")
 
 
 def _check(ok: bool, key: str, config: ConfigDict, why: str) -> None:

@@ -599,29 +599,32 @@ def sliding_windows(tokens: np.ndarray, *, block_size: int, stride: int,
     """
     if not 1 <= stride <= block_size:
         raise DataError(f"stride={stride} must lie in 1 .. block_size={block_size}")
-    n_targets = len(tokens) - 1
-    if n_targets < 1:
+    if len(tokens) < 2:
         raise DataError("the split has fewer than 2 tokens; nothing to evaluate")
     reader = _WindowReader(tokens)
-    last_start = max(0, n_targets - block_size)  # the window that ends at the split's end
-
-    def windows() -> Iterator[tuple[int, int, int]]:  # (start, first scored position, length)
-        scored, start = 0, 0  # targets 1 .. scored are done
-        while scored < n_targets:
-            start = min(start, last_start)
-            length = min(block_size, n_targets - start)
-            yield start, scored - start, length
-            scored = start + length
-            start += stride
-
     rows = []
-    for item in windows():
+    for item in window_spans(len(tokens), block_size=block_size, stride=stride):
         rows.append(item)
         if len(rows) == batch_size:
             yield _window_batch(reader, rows, block_size, batch_size)
             rows = []
     if rows:
         yield _window_batch(reader, rows, block_size, batch_size)
+
+
+def window_spans(n_tokens: int, *, block_size: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """The windows of `sliding_windows` over n_tokens tokens (n_tokens >= 2, 1 <= stride <= block_size):
+    (start, first, length) each: the window's inputs are tokens[start:start + length], its targets one
+    further on, and positions first .. length - 1 of it are scored (the targets no window before scored)."""
+    n_targets = n_tokens - 1
+    last_start = max(0, n_targets - block_size)  # the window that ends at the last target
+    scored, start = 0, 0  # targets 1 .. scored are done
+    while scored < n_targets:
+        start = min(start, last_start)
+        length = min(block_size, n_targets - start)
+        yield start, scored - start, length
+        scored = start + length
+        start += stride
 
 
 def _window_batch(reader: _WindowReader, rows: list[tuple[int, int, int]], block_size: int,

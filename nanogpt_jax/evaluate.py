@@ -7,6 +7,8 @@ the markdown table, TensorBoard and metrics.csv):
     text       key text/<stem>     the same over a text file, tokenized with the model's tokenizer
     wikitext2  key wikitext2       the same over WikiText-2's raw test file (GPT-2's published metric)
     hellaswag  key hellaswag       HellaSwag validation accuracy (see nanogpt_jax/hellaswag.py)
+    lm_eval:a,b  keys lm_eval/a ...  lm-evaluation-harness tasks, their own metric names
+                                   (nanogpt_jax/harness.py; the optional extra .[eval])
 
 The three perplexity tasks report `loss` (mean nats per scored token), `ppl` = exp(loss) and `bpb`,
 bits per byte: loss x tokens / ln 2 / the UTF-8 bytes those tokens decode to (GPT-2's <|endoftext|>
@@ -23,8 +25,9 @@ Quick runs: `eval.max_examples` scores HellaSwag's first N examples and WikiText
 Scale: one jitted scorer returns each row's summed token losses for padded (N, K, T) batches, N
 split over the mesh's data x fsdp devices, on every host at once: every process builds the same
 global batch on the host (cheap), its devices score their rows, each process sums the rows it holds,
-and the per-task totals are gathered from all processes once at the end. HellaSwag pads rows to a
-few length buckets (powers of two up to block_size), so a task compiles at most a handful of shapes.
+and the per-task totals are gathered from all processes once at the end. HellaSwag's endings and
+the harness's requests are rows (`nanogpt_jax.rows`) scored by `score_rows`: sorted by length and
+padded to a few length buckets (powers of two up to block_size), so a task compiles a handful of shapes.
 Compute runs in the model's dtype (bfloat16 on accelerators by default), logits and the
 log-softmax in float32 (`model.token_losses`, the one loss).
 """
@@ -51,12 +54,13 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import data, download, hellaswag, loggers, sharding, storage, tokenizer
+from nanogpt_jax import data, download, hellaswag, loggers, rows, sharding, storage, tokenizer
 from nanogpt_jax.errors import ConfigError, DataError, UserError
 from nanogpt_jax.model import GPT, token_losses
 from nanogpt_jax.tokenizer import Tokenizer
 
 TASKS = ("loss", "text", "wikitext2", "hellaswag")
+LM_EVAL_PREFIX = "lm_eval:"  # eval.tasks entries naming lm-evaluation-harness tasks (nanogpt_jax/harness.py)
 # WikiText-2 raw, test split: HF's wikitext-2-raw-v1 test text without its empty lines, CRLF line ends
 WIKITEXT2 = ("wikitext-2/wiki.test.raw", "https://raw.githubusercontent.com/Tylogi/TyloQuant/"
              "7989d038b13ca737da11a95fb90e77ae059f33c0/data/wikitext-2-raw/wiki.test.raw")
@@ -76,9 +80,14 @@ def check_config(config: ConfigDict) -> None:
         if section not in config or leaf not in config[section]:
             continue
         tasks = config[section][leaf]
-        unknown = [t for t in tasks if t not in TASKS]
+        harness_tasks = [t for t in tasks if t.startswith(LM_EVAL_PREFIX)]
+        if harness_tasks and key == "train.eval_tasks":
+            raise ConfigError(f"{key}={tuple(tasks)!r}: {harness_tasks[0]!r} is an lm-evaluation-harness task, run "
+                              "by run_eval.py only (--config.eval.tasks); the trainer runs " + ", ".join(TASKS))
+        unknown = [t for t in tasks if t not in TASKS and t not in harness_tasks]
         if unknown:
-            raise ConfigError(f"{key}={tuple(tasks)!r}: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+            raise ConfigError(f"{key}={tuple(tasks)!r}: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)} "
+                              f"or {LM_EVAL_PREFIX}<harness task>[,<task>...]")
         if "text" in tasks:
             path = config.eval.text_path
             if not path:
@@ -89,6 +98,9 @@ def check_config(config: ConfigDict) -> None:
         raise ConfigError("eval.tasks is empty; name at least one of " + ", ".join(TASKS))
     if config.eval.checkpoint not in ("latest", "best"):
         raise ConfigError(f"eval.checkpoint={config.eval.checkpoint!r}: must be latest or best")
+    if "hellaswag_prompt" in config.eval and config.eval.hellaswag_prompt not in hellaswag.PROMPTS:
+        raise ConfigError(f"eval.hellaswag_prompt={config.eval.hellaswag_prompt!r}: choose from "
+                          + ", ".join(hellaswag.PROMPTS))
 
 
 config_lib.EXTRA_CHECKS.append(check_config)
@@ -103,26 +115,36 @@ class Scorer:
     `scorer(params, x, y, mask)` takes global numpy arrays int32 x, y and float32 mask of shape
     (N, K, T) (N split over the mesh's data x fsdp axes; every process passes the same arrays) and
     returns a float32 jax.Array (N, K): sum over t of mask * cross-entropy(logits(x)[t], y[t]), nats.
-    `apply_fn(params, x_BT) -> logits (B, T, V)` is the model (or a stand-in in tests); params keep
-    the shardings they have. One compilation per distinct (N, K, T).
+    With greedy=True it returns (sums, misses): misses int32 (N, K) counts the scored targets that
+    are not the argmax of their logits (0 = greedy decoding would produce the row: the harness's
+    `is_greedy`). `apply_fn(params, x_BT) -> logits (B, T, V)` is the model (or a stand-in in tests);
+    params keep the shardings they have. One compilation per distinct (N, K, T, greedy).
     """
 
     def __init__(self, apply_fn: Callable[[Any, jax.Array], jax.Array], mesh: Mesh):
         self.mesh = mesh
         self.in_sharding = NamedSharding(mesh, P(sharding.BATCH_AXES, None, None))
 
-        def score(params: Any, x_NKT: jax.Array, y_NKT: jax.Array, mask_NKT: jax.Array) -> jax.Array:
+        def score(params: Any, x_NKT: jax.Array, y_NKT: jax.Array, mask_NKT: jax.Array,
+                  greedy: bool) -> jax.Array | tuple[jax.Array, jax.Array]:
             N, K, T = x_NKT.shape
-            losses_BT = token_losses(apply_fn(params, x_NKT.reshape(N * K, T)), y_NKT.reshape(N * K, T))
-            losses_BT = jnp.where(mask_NKT.reshape(N * K, T) > 0, losses_BT, 0.0)
-            return losses_BT.sum(axis=-1).reshape(N, K)
+            logits_BTV = apply_fn(params, x_NKT.reshape(N * K, T))
+            y_BT, scored_BT = y_NKT.reshape(N * K, T), mask_NKT.reshape(N * K, T) > 0
+            losses_BT = jnp.where(scored_BT, token_losses(logits_BTV, y_BT), 0.0)
+            sums_NK = losses_BT.sum(axis=-1).reshape(N, K)
+            if not greedy:
+                return sums_NK
+            misses_BT = scored_BT & (jnp.argmax(logits_BTV, axis=-1) != y_BT)
+            return sums_NK, misses_BT.sum(axis=-1, dtype=jnp.int32).reshape(N, K)
 
-        self.jitted = jax.jit(score, out_shardings=NamedSharding(mesh, P(sharding.BATCH_AXES, None)))
+        self.jitted = jax.jit(score, static_argnames="greedy",
+                              out_shardings=NamedSharding(mesh, P(sharding.BATCH_AXES, None)))
 
-    def __call__(self, params: Any, x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> jax.Array:
+    def __call__(self, params: Any, x: np.ndarray, y: np.ndarray, mask: np.ndarray,
+                 greedy: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         arrays = [jax.make_array_from_callback(a.shape, self.in_sharding, lambda i, a=a: a[i]) for a in (x, y, mask)]
         with sharding.activate(self.mesh):
-            return self.jitted(params, *arrays)
+            return self.jitted(params, *arrays, greedy=greedy)
 
 
 def local_rows(out: jax.Array) -> list[tuple[slice, np.ndarray]]:
@@ -199,6 +221,20 @@ def read_text(path: str | Path, tok: Tokenizer, what: str) -> np.ndarray:
     return ids
 
 
+def _harness_tasks(config: ConfigDict, tasks: Sequence[str]) -> tuple[list[str], Any] | None:
+    """(names, TaskManager) of the lm_eval: entries of `tasks`, None without any. Raises UserError when
+    lm-eval is not installed (naming the extra) or a name is not a task the harness knows."""
+    if not any(t.startswith(LM_EVAL_PREFIX) for t in tasks):
+        return None
+    from nanogpt_jax import harness
+
+    harness.require()
+    names = harness.task_names(tasks)
+    manager = harness.task_manager(config.eval.lm_eval_include_path)
+    harness.check_tasks(names, manager)
+    return names, manager
+
+
 def _check_loss_data(data_dir: str | Path) -> None:
     """Raises DataError when the loss task's folder is missing, pointing at the tasks that need none
     (pretrained weights come without data; their user need not prepare OpenWebText to evaluate them)."""
@@ -221,15 +257,20 @@ class Evaluator:
         tasks: task names (TASKS).
         data_dir: the loss task's folder (a checkpoint's, as `sample.load_model` found it with
             `data.find_data_dir`); None: data.data_dir.
+        apply_fn: a stand-in for the model's forward pass (tests); None: the model's.
+        harness_tasks: (names, TaskManager) of the lm_eval: tasks, when `run` has checked them before
+            loading the weights; None: checked here.
     Raises:
         DataError: a missing or unusable split or file, a tokenizer that does not fit the data, or
             hellaswag with a tokenizer other than GPT-2's.
+        UserError: lm_eval: tasks without the [eval] extra, or a task the harness does not know.
         ConfigError: eval.stride above the model's block_size.
     """
 
     def __init__(self, config: ConfigDict, model: GPT, mesh: Mesh, tok: Tokenizer, tasks: Sequence[str],
-                 data_dir: str | Path | None = None, apply_fn: Callable | None = None):
+                 data_dir: str | Path | None = None, apply_fn: Callable | None = None, harness_tasks: Any = None):
         e = config.eval
+        self.model, self.mesh, self.tok, self.config = model, mesh, tok, config
         self.block_size = T = model.config.block_size
         d = sharding.batch_divisor(mesh)
         self.batch_size = -(-e.batch_size // d) * d
@@ -240,6 +281,8 @@ class Evaluator:
             raise ConfigError(f"eval.stride={e.stride}: must be <= the model's block_size={T}")
         self.scorer = Scorer(apply_fn or (lambda p, x: model.apply({"params": p}, x)), mesh)
         self.inputs: dict[str, Any] = {}
+        # lm-evaluation-harness tasks: (names, its TaskManager), checked here unless `run` did (harness_tasks)
+        self.harness = harness_tasks or _harness_tasks(config, tasks)
         lengths = token_byte_lengths(tok) if {"loss", "text", "wikitext2"} & set(tasks) else None
         for name in tasks:
             if name == "loss":
@@ -263,7 +306,9 @@ class Evaluator:
                                     f"{tok.n_vocab}-token {tok.name} vocabulary (from its training data); evaluate "
                                     "it with the loss or text task")
                 examples = hellaswag.load(e.cache_dir, e.max_examples)
-                self.inputs["hellaswag"] = [hellaswag.render(tok, ex, T) for ex in examples]
+                self.inputs["hellaswag"] = [hellaswag.render(tok, ex, T, e.hellaswag_prompt) for ex in examples]
+            elif name.startswith(LM_EVAL_PREFIX):
+                continue
             else:
                 raise ConfigError(f"unknown eval task {name!r}; choose from {', '.join(TASKS)}")
 
@@ -288,8 +333,9 @@ class Evaluator:
         for key, inp in self.inputs.items():
             t0 = time.perf_counter()
             if key == "hellaswag":
-                out[key] = hellaswag_accuracy(self.scorer, params, inp, batch_size=self.batch_size,
-                                              block_size=self.block_size, label=key)
+                out[key] = {"prompt": self.config.eval.hellaswag_prompt,
+                            **hellaswag_accuracy(self.scorer, params, inp, batch_size=self.batch_size,
+                                                 block_size=self.block_size, label=key)}
             else:
                 out[key] = {**inp.info, "block_size": self.block_size, "stride": inp.stride,
                             **perplexity(self.scorer, params, inp.tokens, block_size=self.block_size,
@@ -300,7 +346,24 @@ class Evaluator:
             out[key][f"{unit}_per_sec"] = out[key][unit] / seconds if seconds > 0 else None
             logging.info("eval %s: %s", key, ", ".join(f"{m}={v:.4f}" for m, v in out[key].items()
                                                       if m in METRICS and v is not None))
+        if self.harness:
+            out.update(self._run_harness(params))
         return out
+
+    def _run_harness(self, params: Any) -> dict[str, dict]:
+        from nanogpt_jax import harness
+
+        names, manager = self.harness
+        e, t0 = self.config.eval, time.perf_counter()
+        lm = harness.NanoGPTLM(self.model, params, self.tok, self.mesh, batch_size=self.batch_size, stride=e.stride,
+                               scorer=self.scorer)
+        results = harness.evaluate_tasks(lm, names, manager, num_fewshot=e.num_fewshot, limit=e.max_examples)
+        seconds = time.perf_counter() - t0
+        for key, r in results.items():
+            r["seconds_all_lm_eval_tasks"] = seconds
+            logging.info("eval %s: %s", key, ", ".join(f"{m}={v:.4f}" for m, v in r.items()
+                                                      if m in harness_metrics(r) and v is not None))
+        return results
 
     def metrics(self, params: Any) -> dict[str, float]:
         """`run` flattened to logger names: {"eval/loss/val/loss": ..., "eval/hellaswag/acc": ...}."""
@@ -344,47 +407,83 @@ def perplexity(scorer: Scorer, params: Any, tokens: np.ndarray, *, block_size: i
             "bpb": nats / math.log(2) / n_bytes if n_bytes else None}
 
 
-def hellaswag_accuracy(scorer: Scorer, params: Any, examples: Sequence[hellaswag.Rendered], *, batch_size: int,
-                       block_size: int, label: str | None = None) -> dict:
-    """HellaSwag accuracies (acc, acc_norm_token, acc_norm_char; see nanogpt_jax/hellaswag.py) over
-    rendered examples, batch_size examples (x 4 endings) per call; the same result on every process.
-    Returns {"examples", "row_lengths" (the padded lengths used), and each accuracy (a fraction)}.
-    label: when given, a progress line (`loggers.Progress`) under this name every few seconds."""
-    local = np.zeros(1 + len(hellaswag.METRICS))  # this process's examples, then its correct counts
-    pending, lengths = None, set()
-    progress = loggers.Progress(label, len(examples), "examples") if label else None
+def score_rows(scorer: Scorer, params: Any, token_rows: Sequence[Sequence[int]], n_scored: Sequence[int], *,
+               batch_size: int, block_size: int, greedy: bool = False, progress: loggers.Progress | None = None,
+               rows_per_unit: int = 1) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
+    """The summed negative log-likelihood of the last n_scored[i] targets of each row: the one path
+    behind HellaSwag and lm-evaluation-harness's loglikelihood and rolling requests.
 
-    def read(out: jax.Array, ids: np.ndarray) -> np.ndarray:
+    Rows (`nanogpt_jax.rows`: 2 .. block_size + 1 ids each) are sorted by length and padded to a few
+    length buckets, batch_size rows per jitted call over the mesh; every process passes the same
+    rows and gets every row's result (one gather at the end). Returns (nll float64 (n,) nats,
+    greedy bool (n,) or None, the padded lengths used). progress: counted in units of
+    rows_per_unit rows (HellaSwag: 4 rows, one example).
+    """
+    n = len(token_rows)
+    local = np.zeros(2 * n)  # this process's rows: summed nats, then greedy misses
+    pending, lengths, done = None, set(), 0
+
+    def read(out: Any, ids: np.ndarray) -> np.ndarray:
         total = np.zeros_like(local)
-        for rows, sums in local_rows(out):
-            for i, s in zip(ids[rows], sums, strict=True):
-                if i >= 0:
-                    total += np.concatenate([[1.0], hellaswag.correct(examples[i], s)])
+        for offset, array in zip((0, n), out if greedy else (out,), strict=False):  # the sums, then the misses
+            for rows_, values in local_rows(array):
+                held = ids[rows_]
+                keep = held >= 0
+                total[offset + held[keep]] += values[keep, 0]
         return total
 
-    for x, y, mask, ids in hellaswag.batches(examples, batch_size, block_size):
+    for x, y, mask, ids in rows.batches(token_rows, n_scored, batch_size, block_size):
         lengths.add(x.shape[-1])
-        out = scorer(params, x, y, mask)
-        if pending is not None:
+        out = scorer(params, x, y, mask, greedy=greedy)
+        if pending is not None:  # read the previous batch while this one runs
             local += read(*pending)
         pending = (out, ids)
         if progress:
-            progress.update(int((ids >= 0).sum()))
+            before, done = done, done + int((ids >= 0).sum())
+            progress.update(done // rows_per_unit - before // rows_per_unit)
     if pending is not None:
         local += read(*pending)
     totals = gather_sum(local)
-    n = totals[0]
-    result = {"examples": int(round(n)), "row_lengths": sorted(lengths)}
-    result.update({m: (c / n if n else None) for m, c in zip(hellaswag.METRICS, totals[1:], strict=True)})
+    return totals[:n], (totals[n:] == 0 if greedy else None), sorted(lengths)
+
+
+def hellaswag_accuracy(scorer: Scorer, params: Any, examples: Sequence[hellaswag.Rendered], *, batch_size: int,
+                       block_size: int, label: str | None = None) -> dict:
+    """HellaSwag accuracies (acc, acc_norm_token, acc_norm_char; see nanogpt_jax/hellaswag.py) over
+    rendered examples, their 4 x batch_size ending rows per call (`score_rows`); the same result on
+    every process. Returns {"examples", "row_lengths" (the padded lengths used), and each accuracy
+    (a fraction)}. label: when given, a progress line (`loggers.Progress`) under this name every few seconds."""
+    token_rows = [r for ex in examples for r in ex.rows]
+    n_scored = [k for ex in examples for k in ex.n_scored]
+    progress = loggers.Progress(label, len(examples), "examples") if label else None
+    nll, _, lengths = score_rows(scorer, params, token_rows, n_scored, batch_size=hellaswag.N_ENDINGS * batch_size,
+                                 block_size=block_size, progress=progress, rows_per_unit=hellaswag.N_ENDINGS)
+    nll_E4 = nll.reshape(len(examples), hellaswag.N_ENDINGS)
+    correct = np.array([hellaswag.correct(ex, s) for ex, s in zip(examples, nll_E4, strict=True)]).reshape(
+        len(examples), len(hellaswag.METRICS))
+    result = {"examples": len(examples), "row_lengths": lengths}
+    result.update({m: (float(c) / len(examples) if examples else None)
+                   for m, c in zip(hellaswag.METRICS, correct.sum(axis=0), strict=True)})
     return result
 
 
 METRICS = ("loss", "ppl", "bpb") + hellaswag.METRICS
 
 
+HARNESS_KEY = "lm_eval/"  # report keys of lm-evaluation-harness tasks: lm_eval/<task>
+_HARNESS_INFO = ("version", "n_samples", "num_fewshot", "lm_eval_version", "seconds_all_lm_eval_tasks")
+
+
+def harness_metrics(result: dict) -> list[str]:
+    """The metric names of an lm_eval task's result (the harness's own: acc, acc_norm, word_perplexity,
+    exact_match/strict-match, ...), without their _stderr companions."""
+    return [m for m in result if m not in _HARNESS_INFO and not m.endswith("_stderr")]
+
+
 def flat_metrics(results: dict[str, dict]) -> dict[str, float]:
     """{"eval/<key>/<metric>": value} for the headline metrics of each task's result."""
-    return {f"eval/{key}/{m}": v for key, r in results.items() for m, v in r.items() if m in METRICS and v is not None}
+    return {f"eval/{key}/{m}": v for key, r in results.items() for m, v in r.items() if v is not None
+            and (m in harness_metrics(r) if key.startswith(HARNESS_KEY) else m in METRICS)}
 
 
 # ---- the report ---------------------------------------------------------------------------------
@@ -393,21 +492,36 @@ _DIGITS = {"loss": 4, "ppl": 2, "bpb": 4, "acc": 4, "acc_norm_token": 4, "acc_no
 
 
 def markdown(report: dict) -> str:
-    """The report as a markdown table: one row per task, a column per metric any task has."""
-    tasks = report["tasks"]
-    columns = [m for m in METRICS if any(r.get(m) is not None for r in tasks.values())]
+    """The report as markdown: a table of our tasks (a row per task, a column per metric any task has),
+    then one of lm-evaluation-harness tasks (a row per task and metric, the harness's names)."""
+    ours = {k: r for k, r in report["tasks"].items() if not k.startswith(HARNESS_KEY)}
+    theirs = {k: r for k, r in report["tasks"].items() if k.startswith(HARNESS_KEY)}
     m = report["model"]
     lines = [f"Model: {m['source']}" + (f" step {m['step']}" if "step" in m else "")
              + f" ({m['params'] / 1e6:.2f}M parameters, {m['tokenizer']} tokenizer, {m['config']['dtype']}); "
-             f"{report['devices']} devices, {report['wall_seconds']:.1f} s in all.", "",
-             "| task | " + " | ".join(columns) + " | scored | seconds | throughput |",
-             "|---|" + "---:|" * (len(columns) + 3)]
-    for key, r in tasks.items():
-        unit = "examples" if "examples" in r else "tokens"
-        rate = r.get(f"{unit}_per_sec")
-        cells = [f"{r[c]:.{_DIGITS[c]}f}" if r.get(c) is not None else "-" for c in columns]
-        cells += [f"{r[unit]:,} {unit}", f"{r['seconds']:.1f}", f"{rate:,.1f} {unit}/s" if rate else "-"]
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+             f"{report['devices']} devices, {report['wall_seconds']:.1f} s in all."]
+    if ours:
+        columns = [c for c in METRICS if any(r.get(c) is not None for r in ours.values())]
+        lines += ["", "| task | " + " | ".join(columns) + " | scored | seconds | throughput |",
+                  "|---|" + "---:|" * (len(columns) + 3)]
+        for key, r in ours.items():
+            unit = "examples" if "examples" in r else "tokens"
+            rate = r.get(f"{unit}_per_sec")
+            cells = [f"{r[c]:.{_DIGITS[c]}f}" if r.get(c) is not None else "-" for c in columns]
+            cells += [f"{r[unit]:,} {unit}", f"{r['seconds']:.1f}", f"{rate:,.1f} {unit}/s" if rate else "-"]
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    if theirs:
+        first = next(iter(theirs.values()))
+        lines += ["", f"lm-evaluation-harness {first['lm_eval_version']} "
+                  f"({first['seconds_all_lm_eval_tasks']:.1f} s for its tasks):", "",
+                  "| task | version | n-shot | samples | metric | value | stderr |",
+                  "|---|---|---:|---:|---|---:|---:|"]
+        for key, r in theirs.items():
+            for metric in harness_metrics(r):
+                value, err = r[metric], r.get(f"{metric}_stderr")
+                lines.append(f"| {key[len(HARNESS_KEY):]} | {r['version']} | {r['num_fewshot']} | {r['n_samples']} | "
+                             f"{metric} | {'-' if value is None else f'{value:.4f}'} | "
+                             f"{'-' if err is None else f'{err:.4f}'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -443,12 +557,14 @@ def run(config: ConfigDict, out: TextIO | None = None) -> dict:
         _check_loss_data(config.data.data_dir)  # before the weights are read
     from nanogpt_jax import sample  # sample -> train -> evaluate: imported here, not at the top
 
+    harness_tasks = _harness_tasks(config, config.eval.tasks)  # before the weights are read
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     model, params, tok, source = sample.load_model(config, mesh=mesh, checkpoint=config.eval.checkpoint)
     logging.info("evaluating %s (%s, %.2fM parameters) on %s", source.get("pretrained") or
                  f"{source['checkpoint']} step {source['step']}", model.config.dtype, model.num_params() / 1e6,
                  ", ".join(config.eval.tasks))
-    evaluator = Evaluator(config, model, mesh, tok, config.eval.tasks, data_dir=source.get("data_dir"))
+    evaluator = Evaluator(config, model, mesh, tok, config.eval.tasks, data_dir=source.get("data_dir"),
+                          harness_tasks=harness_tasks)
     results = evaluator.run(params)
     settings = json.loads(config.to_json())
     # the weights fix the shape (a checkpoint's, an HF folder's): record the model that ran, not the config file's
@@ -461,6 +577,12 @@ def run(config: ConfigDict, out: TextIO | None = None) -> dict:
         "device_kind": jax.devices()[0].device_kind, "compilations": evaluator.scorer.jitted._cache_size(),
         "wall_seconds": time.time() - t0, "config": settings,
     }
+    if harness_tasks:
+        import lm_eval
+
+        report["lm_eval"] = {"version": lm_eval.__version__, "tasks": harness_tasks[0],
+                             "include_path": config.eval.lm_eval_include_path,
+                             "num_fewshot": config.eval.num_fewshot, "limit": config.eval.max_examples}
     if jax.process_index() == 0:
         json_path, md_path = write_report(report, config.eval.out or storage.join(config.out_dir, "eval.json"))
         (out or sys.stdout).write(markdown(report))

@@ -30,7 +30,9 @@ micro-step, a compute dtype of c bytes and tensor-parallel size t:
                  and the probabilities in the compute dtype for the second matmul). remat="full"
                  keeps only each block's input (D x c per token and layer) plus one layer being
                  recomputed; other remat policies are counted as "none" (an upper bound)
-    logits       the float32 logits, n x V/t x 4 (their gradient takes over the buffer)
+    logits       the float32 logits, n x V/t x 4 (their gradient takes over the buffer); with the
+                 chunked loss (model.loss="chunked", the default) only one chunk's, b x chunk x V/t x 4,
+                 and its gradient beside it (x 2)
     batch        int32 inputs and targets of the step: A x n x 8
 
 `total` is the sum. XLA frees and reuses buffers, so a compiled program's footprint differs:
@@ -61,7 +63,7 @@ from ml_collections import ConfigDict
 from nanogpt_jax import config as config_lib
 from nanogpt_jax import data, sharding
 from nanogpt_jax.errors import ConfigError, UserError
-from nanogpt_jax.model import GPT, GPT2_SIZES, GPT2_VOCAB_SIZE, GPTConfig
+from nanogpt_jax.model import GPT, GPT2_SIZES, GPT2_VOCAB_SIZE, GPTConfig, loss_chunk_len
 
 GiB = 1024**3
 
@@ -158,9 +160,11 @@ def estimate(config: GPTConfig, *, batch_size: int, grad_accum: int, mesh_shape:
     copies = c < 4 or f > 1  # the matmuls read a cast or all-gathered copy of the weights
     weights = (n_gathered - n_blocks + n_blocks * layers_kept // L) * c if copies else 0
     vocab = V // t if V % t == 0 else V
+    chunk = loss_chunk_len(config, batch_size // (d * f), T)
+    logits = tokens * vocab * 4 if chunk >= T else 2 * batch_size // (d * f) * chunk * vocab * 4
     return MemoryEstimate(
         params=params, opt_state=2 * params, grads=params * (2 if grad_accum > 1 else 1), weights=weights,
-        activations=activations, logits=tokens * vocab * 4,
+        activations=activations, logits=logits,
         batch=grad_accum * tokens * 8)
 
 
@@ -215,7 +219,8 @@ def model_config(config: ConfigDict, dtype: str) -> tuple[GPTConfig, str]:
 
         m = config.model
         return convert.pretrained_config(init, dtype=dtype, block_size=m.block_size, scan_layers=m.scan_layers,
-                                         remat=m.remat, attention=m.attention, dropout=m.dropout), \
+                                         remat=m.remat, attention=m.attention, loss=m.loss,
+                                         loss_chunk=m.loss_chunk, dropout=m.dropout), \
             f"{init}/config.json"
     vocab_size, source = vocab_size_for(config)
     return config_lib.gpt_config(config, dtype=dtype, vocab_size=vocab_size), source

@@ -22,13 +22,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from nanogpt_jax import sharding
+from nanogpt_jax.errors import ConfigError
 
 Array = jax.Array
 
@@ -43,7 +48,12 @@ GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
 PADDED_VOCAB_SIZE = 50304  # nanoGPT's padding of 50257 up to a multiple of 64: faster matmuls
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
+LOSS_IMPLS = ("chunked", "full")
+# Float32 logits per device in one chunk of the chunked loss, when loss_chunk=0 picks the chunk: big
+# enough that each chunk's matmul fills an accelerator (>= 1k tokens of GPT-2's 50k vocabulary), small
+# beside the activations of a long sequence.
+LOSS_CHUNK_BYTES = 256 * 2**20
 REMAT_POLICIES = ("none", "full") + tuple(
     n for n in dir(jax.checkpoint_policies) if not n.startswith("_") and n not in ("everything_saveable",)
 )
@@ -65,8 +75,14 @@ class GPTConfig:
         remat: activation checkpointing of each block: "none", "full" (save nothing), or the name of
             a `jax.checkpoint_policies` policy, e.g. "dots_with_no_batch_dims_saveable".
         attention: "xla" (the scores and a float32 softmax written out, compiled by XLA), "cudnn"
-            (`jax.nn.dot_product_attention`'s fused cuDNN kernel, GPU only), or "auto" (cudnn on a
-            GPU with bf16/fp16, xla elsewhere).
+            (`jax.nn.dot_product_attention`'s fused cuDNN kernel, GPU only), "splash" (jax's Pallas
+            splash attention kernel for TPUs; Pallas interpret mode on CPUs, for tests), or "auto"
+            (splash on TPUs, cudnn on a GPU with bf16/fp16, xla elsewhere). See `attention_impl`.
+        loss: how the output head and the cross-entropy run in `GPT.losses` (training and eval):
+            "chunked" (chunks of positions through a rematerialised scan: no float32 (B, T, V) logits
+            live in the step, forward or backward) or "full" (the whole logits at once).
+        loss_chunk: positions per chunk of the chunked loss; 0 picks it from the shapes (about
+            LOSS_CHUNK_BYTES of float32 logits per device, the whole sequence when that fits).
 
     Raises:
         ValueError: naming the field, for an impossible value.
@@ -83,6 +99,8 @@ class GPTConfig:
     scan_layers: bool = False
     remat: str = "none"
     attention: str = "xla"
+    loss: str = "chunked"
+    loss_chunk: int = 0
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -98,6 +116,10 @@ class GPTConfig:
             raise ValueError(f"remat={self.remat!r} must be 'none', 'full' or a jax.checkpoint_policies name")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention={self.attention!r} must be one of {', '.join(ATTENTION_IMPLS)}")
+        if self.loss not in LOSS_IMPLS:
+            raise ValueError(f"loss={self.loss!r} must be one of {', '.join(LOSS_IMPLS)}")
+        if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk={self.loss_chunk!r} must be 0 (from the shapes) or a positive integer")
 
     @classmethod
     def gpt2(cls, name: str = "gpt2", **overrides: Any) -> GPTConfig:
@@ -153,6 +175,78 @@ def lm_loss(logits_BTV: Array, targets_BT: Array) -> Array:
     return token_losses(logits_BTV, targets_BT).mean()
 
 
+def head_logits(h_BTD: Array, wte_VD: Array, dtype: jnp.dtype) -> Array:
+    """The output head tied to the token embedding: hidden (B, T, D) -> float32 logits (B, T, V).
+
+    The matmul runs in `dtype` with a float32 result (`Embed.attend` would return the compute
+    dtype, too coarse for a 50k-way softmax in bfloat16).
+    """
+    return jnp.einsum("btd,vd->btv", h_BTD.astype(dtype), wte_VD.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def chunked_token_losses(h_BTD: Array, wte_VD: Array, targets_BT: Array, dtype: jnp.dtype, chunk: int) -> Array:
+    """`token_losses(head_logits(h, wte), targets)` without ever holding the (B, T, V) logits: (B, T) float32.
+
+    The positions are cut into chunks of `chunk` (the last one padded) and a `lax.scan` runs the head
+    and the cross-entropy chunk by chunk under `jax.checkpoint`, so the backward pass recomputes each
+    chunk's logits instead of keeping them: float32 logits of B x chunk tokens live at a time. Chunks
+    run along T, not the batch, so each keeps the batch's sharding. wte enters the scan in float32 and
+    is cast inside, so its gradient is summed over the chunks in float32.
+    """
+    B, T, D = h_BTD.shape
+    if chunk >= T:
+        return token_losses(head_logits(h_BTD, wte_VD, dtype), targets_BT)
+    n = -(-T // chunk)
+    pad = n * chunk - T  # padded positions get target 0 and are cut off below: no gradient
+    h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
+    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+    h_NBCD = h_BTD.reshape(B, n, chunk, D).swapaxes(0, 1)
+    y_NBC = targets_BT.reshape(B, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_losses(h_BCD: Array, y_BC: Array) -> Array:
+        return token_losses(head_logits(h_BCD, wte_VD, dtype), y_BC)
+
+    _, losses_NBC = jax.lax.scan(lambda carry, xs: (carry, chunk_losses(*xs)), None, (h_NBCD, y_NBC))
+    return losses_NBC.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
+
+
+def loss_chunk_len(config: GPTConfig, rows: int, T: int) -> int:
+    """Positions per chunk of the chunked loss for `rows` sequences of T tokens on one device: the
+    config's loss_chunk, or the largest divisor of T whose float32 logits (rows x chunk x V x 4
+    bytes) fit LOSS_CHUNK_BYTES (at least 1; a padded chunk when T's divisors are all much smaller).
+    T itself means one chunk: the plain computation."""
+    if config.loss == "full":
+        return T
+    if config.loss_chunk:
+        return min(config.loss_chunk, T)
+    most = max(1, LOSS_CHUNK_BYTES // (4 * config.vocab_size * max(rows, 1)))
+    if most >= T:
+        return T
+    divisor = max(c for c in range(1, most + 1) if T % c == 0)
+    return divisor if 2 * divisor >= most else most  # else pad the last chunk rather than run tiny ones
+
+
+def implementations(config: GPTConfig, platform: str, rows: int, T: int | None = None) -> dict[str, str]:
+    """What a train or eval step of `config` runs on `platform` ("cpu", "gpu", "tpu") with `rows`
+    sequences of T tokens (default block_size) per device, as run_bench, summary.json and the aot
+    tool name it: {"attention": "splash" / "cudnn" / "xla" (with the reason of a fallback),
+    "loss": `describe_loss`}."""
+    T = T or config.block_size
+    choice = attention_impl(config, platform, seq_len=T)
+    attention = f"{choice.impl} ({choice.reason})" if choice.reason else choice.impl
+    return {"attention": attention, "loss": describe_loss(config, rows, T)}
+
+
+def describe_loss(config: GPTConfig, rows: int, T: int) -> str:
+    """How the loss runs for `rows` sequences of T tokens per device, as reports name it: "full"
+    (whole (B, T, V) logits) or e.g. "chunked: 8 x 128 positions"."""
+    if config.loss == "full":
+        return "full"
+    chunk = loss_chunk_len(config, rows, T)
+    return f"chunked: {-(-T // chunk)} x {chunk} positions"  # 1 x T: the whole logits fit one chunk
+
+
 # ---- the key/value cache for generation ------------------------------------------------------
 
 
@@ -174,6 +268,134 @@ class KVCache:
         return cls(jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype))
 
 
+# ---- which attention runs --------------------------------------------------------------------
+
+SPLASH_BLOCK_SIZES = (512, 256, 128)  # tiles of the splash kernel, largest first; TPU tiles are multiples of 128
+
+
+class AttentionChoice(NamedTuple):
+    """What `attention_impl` decided: `impl` runs ("xla", "cudnn" or "splash"); `reason` says why it
+    is not the kernel the config asked for ("" when it is)."""
+
+    impl: str
+    reason: str
+
+
+def context_platform() -> str:
+    """The platform ("cpu", "gpu", "tpu") of the devices a step is traced for: those of the mesh in
+    context (`sharding.activate`), else the default backend's. An AOT compile on a CPU host for a
+    TPU topology thus sees "tpu"."""
+    device = jax.sharding.get_abstract_mesh().abstract_device  # None when no mesh is in context
+    return device.platform if device is not None else jax.default_backend()
+
+
+def splash_block_size(seq_len: int) -> int | None:
+    """The splash kernel's query/key tile for a sequence of seq_len tokens: the largest of
+    SPLASH_BLOCK_SIZES that divides it, or None when none does (the kernel cannot tile it)."""
+    return next((b for b in SPLASH_BLOCK_SIZES if seq_len % b == 0), None)
+
+
+def attention_impl(
+    config: GPTConfig, platform: str | None = None, *, seq_len: int | None = None, train: bool = True
+) -> AttentionChoice:
+    """The self-attention that runs for `config` (without a KV cache; decoding always runs the XLA path).
+
+    Args:
+        config: its `attention` ("xla", "cudnn", "splash", "auto"), dtype and dropout decide.
+        platform: "cpu", "gpu" or "tpu"; default `context_platform()` (the mesh in context).
+        seq_len: tokens per sequence T; default config.block_size (what the train and eval steps run).
+        train: dropout is active (the train step); eval and prediction pass False.
+
+    "auto" is splash on TPUs, cudnn on GPUs with bfloat16/float16 (cuDNN's fused attention has no
+    float32), xla otherwise. Neither kernel has dropout: with config.dropout > 0 in training they
+    give way to xla; splash also does when seq_len is not a multiple of 128 (its smallest tile).
+    "splash" on CPUs runs the kernel in Pallas interpret mode (slow; it exists to test it).
+
+    Returns:
+        AttentionChoice(impl, reason): impl is what runs, reason why it differs from a kernel that
+        was asked for (explicitly or by "auto"), else "".
+
+    Raises:
+        ConfigError: "splash" on GPUs (it is a TPU kernel; cudnn is the GPU's).
+    """
+    platform = platform or context_platform()
+    T = seq_len or config.block_size
+    impl = config.attention
+    if impl == "auto":
+        if platform == "tpu":
+            impl = "splash"
+        elif platform == "gpu" and config.dtype in ("bfloat16", "float16"):
+            impl = "cudnn"
+        else:
+            return AttentionChoice("xla", "")
+    if impl == "splash" and platform == "gpu":
+        raise ConfigError("model.attention='splash': splash attention is a TPU kernel; on GPUs use 'cudnn' "
+                          "(or 'auto')")
+    if impl in ("splash", "cudnn") and train and config.dropout > 0:
+        return AttentionChoice("xla", f"{impl} attention has no dropout; training with model.dropout="
+                               f"{config.dropout} uses the XLA attention (set model.dropout=0 to use {impl})")
+    if impl == "splash" and splash_block_size(T) is None:
+        return AttentionChoice("xla", f"splash attention tiles sequences in blocks of 128 tokens; sequences of {T} "
+                               "tokens do not divide into them, so the XLA attention runs (use a multiple of 128)")
+    return AttentionChoice(impl, "")
+
+
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    """Log a message the first time it comes up in this process (traces repeat; the reason does not)."""
+    if message not in _logged:
+        _logged.add(message)
+        logging.warning("%s", message)
+
+
+def splash_attention(q_BTHK: Array, k_BTHK: Array, v_BTHK: Array, *, interpret: bool = False) -> Array:
+    """Causal softmax attention of q, k, v (B, T, H, K) -> (B, T, H, K) in q's dtype, by jax's Pallas
+    splash (flash) attention kernel: the (T, T) scores are never written out, so the step holds
+    no float32 (B, H, T, T) arrays (jax.experimental.pallas.ops.tpu.splash_attention).
+
+    The kernel computes one sequence's (H, T, K) heads: it is vmapped over the batch and run under
+    `jax.shard_map` over the mesh in context, the batch split over data x fsdp and the heads over
+    tensor. A dimension those axes do not divide is replicated along them instead (each of those
+    devices then computes the whole dimension: correct, only redundant), as `sharding` does for
+    parameters: heads when n_head % mesh.tensor != 0 (gpt2-xl's 25 heads; the c_attn kernel's
+    heads are replicated then too), the batch when it is smaller than data x fsdp, e.g. one prompt.
+    T must be a multiple of 128 (`splash_block_size`); `attention_impl` falls back to XLA otherwise.
+    The kernel applies no 1/sqrt(K) scale, so q is scaled first (exact for K a power of 4: 1/8 at 64).
+
+    interpret: run the kernel in Pallas interpret mode (CPUs; the TPU compiler is not needed).
+    """
+    B, T, H, K = q_BTHK.shape
+    block = splash_block_size(T)
+    if block is None:
+        raise ValueError(f"splash attention needs T to be a multiple of 128; got T={T}")
+    q_BTHK = q_BTHK * jnp.asarray(1 / math.sqrt(K), q_BTHK.dtype)
+
+    def attend(q_BTHK: Array, k_BTHK: Array, v_BTHK: Array) -> Array:  # one device's share
+        from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+        heads = q_BTHK.shape[2]
+        mask = splash.MultiHeadMask([splash.CausalMask((T, T)) for _ in range(heads)])
+        blocks = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                                   block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                                   block_kv_dq=block)
+        kernel = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                                        interpret=interpret)
+        to_BHTK = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731 - the kernel's head-major layout
+        return to_BHTK(jax.vmap(kernel)(to_BHTK(q_BTHK), to_BHTK(k_BTHK), to_BHTK(v_BTHK)))
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:  # no mesh in context: one device, or jit's own choice
+        return attend(q_BTHK, k_BTHK, v_BTHK)
+    batch_axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names) or None
+    heads_axis = "tensor" if "tensor" in mesh.axis_names else None
+    spec = sharding.fit_spec(P(batch_axes, None, heads_axis, None), q_BTHK.shape, mesh, "splash attention's q/k/v")
+    # check_vma=False: the kernel's pallas_call does not declare how its outputs vary over the mesh axes
+    return jax.shard_map(attend, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
+        q_BTHK, k_BTHK, v_BTHK)
+
+
 # ---- the modules ----------------------------------------------------------------------------
 
 
@@ -192,14 +414,6 @@ def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
         bias_init=_zeros_init(("norm",)),
     )
-
-
-def _attention_impl(config: GPTConfig) -> str:
-    if config.attention != "auto":
-        return config.attention
-    # cuDNN's fused attention needs a GPU; it supports bf16/fp16 only
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and config.dtype in ("bfloat16", "float16") else "xla"
 
 
 class Projection(nn.Module):
@@ -281,9 +495,16 @@ class CausalSelfAttention(nn.Module):
 
     def _attend(self, q_BTHK: Array, k_BTHK: Array, v_BTHK: Array, deterministic: bool) -> Array:
         c = self.config
-        dropout = not deterministic and c.dropout > 0.0
-        if _attention_impl(c) == "cudnn" and not dropout:  # the fused kernel (it has no dropout)
+        platform = context_platform()
+        impl, reason = attention_impl(c, platform, seq_len=q_BTHK.shape[1], train=not deterministic)
+        if reason and not self.is_initializing():  # init traces one token, which no kernel is chosen for
+            _log_once(reason)
+        if impl == "cudnn":  # the fused kernel
             return jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, is_causal=True, implementation="cudnn")
+        if impl == "splash":
+            if platform != "tpu" and not self.is_initializing():
+                _log_once(f"splash attention runs in Pallas interpret mode on {platform} devices (slow: for tests)")
+            return splash_attention(q_BTHK, k_BTHK, v_BTHK, interpret=platform != "tpu")
         # XLA: the scores explicitly, the softmax in float32. The same math as
         # jax.nn.dot_product_attention(implementation="xla"), whose vmapped form measured slower on a CPU
         # (run_bench.py, shakespeare_char.py:cpu train step: 51.8 -> 50.1 ms); dropout needs the weights anyway
@@ -292,7 +513,7 @@ class CausalSelfAttention(nn.Module):
         T = q_BTHK.shape[1]
         causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
         probs_BHTT = jax.nn.softmax(jnp.where(causal_TT, scores_BHTT, -jnp.inf), axis=-1)
-        if dropout:
+        if not deterministic and c.dropout > 0.0:
             probs_BHTT = nn.Dropout(c.dropout)(probs_BHTT, deterministic=False)
         return jnp.einsum("bhts,bshk->bthk", probs_BHTT.astype(v_BTHK.dtype), v_BTHK)
 
@@ -422,14 +643,20 @@ class GPT(nn.Module):
         return self.ln_f(x_BTD), cache
 
     def logits(self, h_BTD: Array) -> Array:
-        """Hidden states (B, T, D) -> float32 logits (B, T, V) through the head tied to wte.
+        """Hidden states (B, T, D) -> float32 logits (B, T, V) through the head tied to wte (`head_logits`)."""
+        return head_logits(h_BTD, self.wte.embedding, self.config.compute_dtype)
 
-        The matmul runs in the compute dtype with a float32 result (`Embed.attend` would return
-        the compute dtype, too coarse for a 50k-way softmax in bfloat16).
+    def losses(self, idx_BT: Array, targets_BT: Array, deterministic: bool = True) -> Array:
+        """Cross-entropy of each target in nats, float32 (B, T): `token_losses(self(idx), targets)`.
+
+        The train and eval steps call this: with loss="chunked" the head and the loss run in chunks
+        of positions (`chunked_token_losses`), so no float32 (B, T, V) logits live in the step. The
+        chunk is picked for the rows one device holds: B over the mesh axes of the "batch" axis.
         """
-        dtype = self.config.compute_dtype
-        return jnp.einsum("btd,vd->btv", h_BTD.astype(dtype), self.wte.embedding.astype(dtype),
-                          preferred_element_type=jnp.float32)
+        h_BTD, _ = self.hidden(idx_BT, deterministic=deterministic)
+        B, T = targets_BT.shape
+        chunk = loss_chunk_len(self.config, B // _batch_shards(B), T)
+        return chunked_token_losses(h_BTD, self.wte.embedding, targets_BT, self.config.compute_dtype, chunk)
 
     def predict(self, idx_BT: Array, targets: bool = True) -> Array:
         """Logits for every position, float32 (B, T, V); with targets=False only the last, (B, 1, V).
@@ -483,6 +710,17 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """See `GPTConfig.flops_per_token`."""
         return self.config.flops_per_token(seq_len)
+
+
+def _batch_shards(B: int) -> int:
+    """Devices the batch axis of B rows is split over in the current mesh and logical-axis rules
+    (1 outside a mesh, or when the mesh does not divide B)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = nn.logical_to_mesh_axes(("batch",))[0] if not mesh.empty else None
+    if axes is None:
+        return 1
+    n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    return n if B % n == 0 else 1
 
 
 def init_params(model: GPT, rng: Array) -> dict:

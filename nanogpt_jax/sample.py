@@ -39,7 +39,8 @@ def load_model(config: ConfigDict, mesh: jax.sharding.Mesh | None = None,
     """
     init = config.init_from
     dtype = config_lib.resolve_dtype(config.model.dtype)
-    options = {"dtype": dtype, "attention": config.model.attention}
+    options = {"dtype": dtype, "attention": config.model.attention, "loss": config.model.loss,
+               "loss_chunk": config.model.loss_chunk}
     which = checkpoint or config.sample.checkpoint
     if init == "scratch":
         raise ConfigError("init_from='scratch': nothing to sample from; use resume (a training run's out_dir) "

@@ -102,8 +102,9 @@ def activate(mesh: Mesh) -> Iterator[None]:
         yield
 
 
-def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh, name: str) -> P:
-    """Drop mesh axes from `spec` where the dimension does not divide evenly (replicate it there)."""
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh | jax.sharding.AbstractMesh, name: str) -> P:
+    """`spec` for an array of `shape`, less the mesh axes that do not divide their dimension evenly
+    (replicated along those instead; logged at info level, `name` saying which array)."""
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
         if axes is None:
@@ -134,7 +135,7 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh) -> Any:
     flat_specs = jax.tree.leaves(mesh_specs, is_leaf=lambda x: isinstance(x, P) or x is None)
     assert len(paths) == len(flat_specs), "spec tree does not match the state tree"
     shardings = [
-        NamedSharding(mesh, _fit(spec if spec is not None else P(), leaf.shape, mesh, jax.tree_util.keystr(path)))
+        NamedSharding(mesh, fit_spec(spec if spec is not None else P(), leaf.shape, mesh, jax.tree_util.keystr(path)))
         for (path, leaf), spec in zip(paths, flat_specs, strict=True)
     ]
     return jax.tree.unflatten(jax.tree.structure(shapes), shardings)

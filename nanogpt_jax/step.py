@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nanogpt_jax import sharding
-from nanogpt_jax.model import GPT, lm_loss, token_losses
+from nanogpt_jax.model import GPT
 from nanogpt_jax.optim import OptimConfig, lr_schedule, make_optimizer
 
 
@@ -136,8 +136,10 @@ def make_train_step(model: GPT, optimizer_config: OptimConfig, mesh: Mesh, state
     batch_shard = sharding.batch_sharding(mesh, 3)
 
     def loss_fn(params: Any, x_BT: jax.Array, y_BT: jax.Array, key: jax.Array) -> jax.Array:
-        logits_BTV = model.apply({"params": params}, x_BT, deterministic=False, rngs={"dropout": key})
-        return lm_loss(logits_BTV, y_BT)
+        # `GPT.losses`: the mean of this is lm_loss(logits, y), without (B, T, V) logits (model.loss)
+        losses_BT = model.apply({"params": params}, x_BT, y_BT, deterministic=False, rngs={"dropout": key},
+                                method=GPT.losses)
+        return losses_BT.mean()
 
     def step(state: TrainState, x_ABT: jax.Array, y_ABT: jax.Array) -> tuple[TrainState, dict]:
         step_key = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -179,7 +181,7 @@ def make_eval_step(model: GPT, mesh: Mesh, params: Any) -> Callable:
     batch_shard = sharding.batch_sharding(mesh, 2)
 
     def evaluate(params: Any, x_BT: jax.Array, y_BT: jax.Array, mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-        losses_BT = token_losses(model.apply({"params": params}, x_BT), y_BT)
+        losses_BT = model.apply({"params": params}, x_BT, y_BT, method=GPT.losses)
         mask_BT = mask_BT.astype(jnp.float32)
         return (losses_BT * mask_BT).sum(), mask_BT.sum()
 

@@ -30,7 +30,7 @@ from nanogpt_jax import config as config_lib
 from nanogpt_jax import data, distributed, evaluate, loggers, metrics, sharding, storage
 from nanogpt_jax.checkpoint import Checkpointer
 from nanogpt_jax.errors import CheckpointError, UserError, out_of_memory_is_a_user_error
-from nanogpt_jax.model import GPT, GPTConfig
+from nanogpt_jax.model import GPT, GPTConfig, implementations
 from nanogpt_jax.optim import OptimConfig, make_optimizer
 from nanogpt_jax.step import TrainState, abstract_state, init_state, make_eval_step, make_train_step, param_shardings
 
@@ -155,7 +155,7 @@ def _runtime_overrides(config: ConfigDict) -> dict[str, Any]:
     """The model options a run may change on a checkpoint's architecture: compute, not shape."""
     m = config.model
     return {"dropout": m.dropout, "dtype": config_lib.resolve_dtype(m.dtype), "remat": m.remat,
-            "attention": m.attention}
+            "attention": m.attention, "loss": m.loss, "loss_chunk": m.loss_chunk}
 
 
 def build_state(config: ConfigDict, mesh: jax.sharding.Mesh, ckpt: Checkpointer,
@@ -343,6 +343,8 @@ class _Run:
         logging.info("model: %s, %.2fM parameters; mesh %s", gcfg, self.model.num_params() / 1e6, dict(mesh.shape))
         logging.info("tokens per step: %d micro-steps x %d sequences x %d tokens = %s", A, B, T,
                      f"{self.tokens_per_step:,}")
+        self.implementations = implementations(gcfg, mesh.devices.flat[0].platform, B // sharding.batch_divisor(mesh))
+        logging.info("attention: %s; loss: %s", self.implementations["attention"], self.implementations["loss"])
 
         self.train_fn = make_train_step(self.model, optim_config(c), mesh, self.state, grad_accum=A, seed=c.seed)
         self.eval_fn = make_eval_step(self.model, mesh, self.state.params)
@@ -500,7 +502,7 @@ class _Run:
             "mfu": None, "flops_formula": metrics.FLOPS_FORMULA,
             "wall_seconds": time.time() - self.t_start, "devices": self.mesh.size,
             "device_kind": jax.devices()[0].device_kind, "peak_device_memory_bytes": _peak_memory(),
-            "compilations": self.train_fn.jitted._cache_size(),
+            "compilations": self.train_fn.jitted._cache_size(), **self.implementations,
         }
         if ms:
             summary["mfu"] = metrics.mfu(self.flops_per_token, summary["tokens_per_sec"], self.mesh.size, self.peak)

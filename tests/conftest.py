@@ -80,6 +80,17 @@ def token_data(tmp_path_factory):
     return write_token_data(tmp_path_factory.mktemp("tokens"))
 
 
+@pytest.fixture(scope="session")
+def char_eval_run(token_data, tmp_path_factory):
+    """10 steps of the tiny config on token_data whose evaluations also run the loss task (at steps 0 and 10):
+    the trained char checkpoint that evaluation tests read (test_evaluate.py, test_harness.py)."""
+    from nanogpt_jax.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    train(tiny_run_config(token_data, out, **{"train.max_iters": 10, "train.eval_tasks": ("loss",)}))
+    return out
+
+
 def tiny_run_config(data_dir, out_dir, **overrides):
     """configs/tiny.py pointed at `data_dir` / `out_dir`, with dotted-key overrides."""
     from configs import tiny

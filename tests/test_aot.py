@@ -84,3 +84,18 @@ def test_tiny_config_compiles_for_a_tpu_and_agrees_with_the_estimator(tmp_path):
     # XLA's FLOPs per chip count the micro-step loop's body once: x2 gives the step, which is the model's
     # 6N + 12LdT plus what that leaves out (softmax, LayerNorms, AdamW)
     assert 0.9 < 2 * r["flops"] / r["model_flops"] < 1.5
+
+
+def test_sweep_finds_the_largest_per_chip_batch_that_fits(tmp_path):
+    """--sweep compiles each per-chip batch until one does not fit (a huge one, refused at once) and
+    names the largest that fits, with the attention and loss that were compiled."""
+    out = tmp_path / "sweep.json"
+    done = _aot_cli("--config", str(ROOT / "configs/tiny.py"), "--topology=v5e-4", "--sweep=4,1,100000,2",
+                    "--config.model.dtype=bfloat16", "--config.model.block_size=128", "--config.model.vocab_size=512",
+                    "--config.mesh.data=4", json_path=out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "largest per-chip batch that fits: 4" in done.stdout, done.stdout
+    r = json.loads(out.read_text())
+    assert [x["batch_size"] for x in r] == [4, 8, 16, 400000]  # ascending; stops after the first that fails
+    assert [x["fits"] for x in r] == [True, True, True, False]
+    assert r[0]["implementations"]["loss"].startswith("chunked")

@@ -51,6 +51,7 @@ def test_train_sweep_writes_documented_json_markdown_and_chart(train_sweep, caps
         # the data's vocabulary (meta.json of data.data_dir), as run_train.py would build the model
         assert (s["vocab_size"], s["block_size"], s["grad_accum"], s["data"]) == (64, 32, 1, "random")
         assert s["tokens_per_step"] == s["batch_size"] * 32 and s["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+        assert s["attention"] == "xla" and s["loss"] == "chunked: 1 x 32 positions"
         assert r["ms_p10"] <= r["ms_per_step"] <= r["ms_p90"] and len(r["step_times_ms"]) == 2
         assert r["tokens_per_s"] == pytest.approx(s["tokens_per_step"] / r["ms_per_step"] * 1e3)
         assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / 8)
@@ -65,7 +66,7 @@ def test_train_sweep_writes_documented_json_markdown_and_chart(train_sweep, caps
     stem = config.bench.out.rsplit(".", 1)[0]
     with open(stem + ".md") as f:
         table = f.read()
-    assert table.startswith("| model | params | batch | block | accum | dtype | compile s | ms/step |")
+    assert table.startswith("| model | params | batch | block | accum | dtype | attention | loss | compile s |")
     assert "| 2x2x32 |" in table and "6N + 12·L·d·T" in table and "given (bench.peak_tflops)" in table
     with open(stem + ".png", "rb") as f:
         assert f.read(4) == b"\x89PNG"

@@ -16,7 +16,6 @@ from nanogpt_jax import evaluate, sharding, step, tokenizer
 from nanogpt_jax.errors import ConfigError, DataError
 from nanogpt_jax.evaluate import Scorer, perplexity
 from nanogpt_jax.model import GPT, token_losses
-from nanogpt_jax.train import train
 
 
 def random_tokens(n, vocab=97, seed=0):
@@ -120,11 +119,8 @@ def run_eval_cli(*args, cwd=ROOT):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(token_data, tmp_path_factory):
-    """10 steps of the tiny config whose evaluations also run the loss task (at steps 0 and 10)."""
-    out = tmp_path_factory.mktemp("run")
-    train(tiny_run_config(token_data, out, **{"train.max_iters": 10, "train.eval_tasks": ("loss",)}))
-    return out
+def tiny_run(char_eval_run):
+    return char_eval_run  # conftest: shared with tests/test_harness.py
 
 
 def test_training_logs_the_figure_run_eval_reports_on_its_checkpoint(tiny_run, token_data, tmp_path):

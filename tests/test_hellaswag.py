@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nanogpt_jax import hellaswag, sharding, step, tokenizer
+from nanogpt_jax import hellaswag, rows, sharding, step, tokenizer
 from nanogpt_jax.errors import DataError
 from nanogpt_jax.evaluate import Scorer, hellaswag_accuracy
 from nanogpt_jax.model import GPT, GPTConfig, init_params
@@ -107,12 +107,12 @@ def test_rendering_scores_only_the_ending_and_keeps_it_when_cut():
     assert r.rows[1] == tuple(tok.encode("qq abc")) and r.n_scored == (3, 4, 2, 3) and r.n_chars == (2, 3, 1, 2)
     cut = hellaswag.render(tok, example("q" * 40, ["abcd", "a", "b", "c"], 0), block_size=6)
     assert cut.rows[0] == tuple(tok.encode("qq abcd")) and cut.n_scored[0] == 5 and cut.length == 6
-    x, y, mask, ids = next(hellaswag.batches([r], 2, 16))
-    assert x.shape == (2, 4, 16) and ids.tolist() == [0, -1]
-    np.testing.assert_array_equal(mask[0, 1, :7], [0, 1, 1, 1, 1, 0, 0])  # y = "q abc": its last 4 are scored
-    np.testing.assert_array_equal(y[0, 1, 1:5], tok.encode(" abc"))
-    np.testing.assert_array_equal(x[0, 1, :5], tok.encode("qq ab"))
-    assert hellaswag.buckets(1024) == [16, 32, 64, 128, 256, 512, 1024] and hellaswag.buckets(100)[-1] == 100
+    x, y, mask, ids = next(rows.batches(r.rows, r.n_scored, 8, 16))
+    assert x.shape == (8, 1, 16) and ids.tolist() == [2, 0, 3, 1, -1, -1, -1, -1]  # shortest rows first
+    np.testing.assert_array_equal(mask[3, 0, :7], [0, 1, 1, 1, 1, 0, 0])  # y = "q abc": its last 4 are scored
+    np.testing.assert_array_equal(y[3, 0, 1:5], tok.encode(" abc"))
+    np.testing.assert_array_equal(x[3, 0, :5], tok.encode("qq ab"))
+    assert rows.buckets(1024) == [16, 32, 64, 128, 256, 512, 1024] and rows.buckets(100)[-1] == 100
 
 
 def test_a_tokenizer_that_cannot_encode_the_text_is_a_clear_error():
@@ -158,7 +158,7 @@ def test_padding_does_not_change_an_endings_score(real_examples):
     params = init_params(model, jax.random.key(1))
     r = hellaswag.render(tokenizer.gpt2(), real_examples[1], 64)
     scorer = Scorer(lambda p, x: model.apply({"params": p}, x), sharding.make_mesh(devices=jax.devices()[:1]))
-    x, y, mask, _ = next(hellaswag.batches([r], 1, 64))
+    x, y, mask, _ = next(rows.batches(r.rows, r.n_scored, 4, 64))
     T = x.shape[-1]
     assert T < 64  # a shorter bucket than the block
     padded = [np.pad(a, ((0, 0), (0, 0), (0, 64 - T))) for a in (x, y, mask)]

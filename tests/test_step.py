@@ -135,3 +135,13 @@ def test_weight_decay_only_on_matrices_and_embeddings(tiny_params):
     assert mask["wte"]["embedding"] and mask["h_0"]["attn"]["c_attn"]["kernel"]
     assert not mask["h_0"]["attn"]["c_attn"]["bias"]  # rank 3 here, rank 1 in HF's layout
     assert not mask["h_0"]["ln_1"]["scale"] and not mask["ln_f"]["bias"]
+
+
+def test_chunked_loss_step_equals_full_logits_step(one_device):
+    """The default chunked loss (here chunks of 5 positions, not dividing T=16) trains exactly as the
+    whole (B, T, V) logits do, on one device and sharded."""
+    _, ref_losses, _ = run(sharding.make_mesh(devices=jax.devices()[:1]),
+                           config=dataclasses.replace(CONFIG, loss="full"))
+    for mesh in (sharding.make_mesh(devices=jax.devices()[:1]), sharding.make_mesh(2, 2, 2)):
+        _, losses, _ = run(mesh, config=dataclasses.replace(CONFIG, loss_chunk=5))
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)

@@ -63,6 +63,8 @@ def test_tiny_run_learns_and_writes_its_files(tiny_run):
     assert len(val) == 3 and val[-1] < val[0] - 0.5, val  # evaluated at 0, 10, 20; it learns
     assert summary["iterations"] == 20 and summary["val_loss"] == pytest.approx(val[-1])
     assert summary["compilations"] == 1  # the step traced once
+    # what ran: XLA attention on a CPU; 1 row per device x 32 tokens x 64-token vocabulary fits one chunk
+    assert (summary["attention"], summary["loss"]) == ("xla", "chunked: 1 x 32 positions")
     assert set(summary) >= {"train_loss", "best_val_loss", "ms_per_step", "tokens_per_sec", "mfu", "wall_seconds",
                             "peak_device_memory_bytes", "flops_formula"}
     assert json.loads((out / "summary.json").read_text())["iterations"] == 20

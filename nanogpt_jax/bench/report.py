@@ -226,6 +226,7 @@ Column = tuple[str, str, Callable[[Any], str]]  # header, key (in settings, resu
 COLUMNS: dict[str, list[Column]] = {
     "train": [("model", "model", str), ("params", "params", _mega), ("batch", "batch_size", str),
               ("block", "block_size", str), ("accum", "grad_accum", str), ("dtype", "dtype", str),
+              ("attention", "attention", str), ("loss", "loss", str),
               ("compile s", "compile_s", _num(1)), ("ms/step", "ms_per_step", _num(1)), ("p10", "ms_p10", _num(1)),
               ("p90", "ms_p90", _num(1)), ("tokens/s", "tokens_per_s", _num(0)),
               ("tokens/s/device", "tokens_per_s_per_device", _num(0)), ("MFU", "mfu", metrics.format_mfu),

@@ -37,7 +37,7 @@ from ml_collections import ConfigDict
 from nanogpt_jax import config as config_lib
 from nanogpt_jax import data, metrics, sharding
 from nanogpt_jax.bench import report
-from nanogpt_jax.model import GPT
+from nanogpt_jax.model import GPT, implementations
 from nanogpt_jax.optim import make_optimizer
 from nanogpt_jax.step import TrainState, init_state, make_train_step
 from nanogpt_jax.train import optim_config
@@ -118,7 +118,8 @@ def setup(config: ConfigDict, batch_size: int) -> Setup:
     settings = {
         "model": f"{gcfg.n_layer}x{gcfg.n_head}x{gcfg.n_embd}", "params": gcfg.num_params(),
         "vocab_size": gcfg.vocab_size, "batch_size": batch_size, "block_size": T, "grad_accum": A,
-        "tokens_per_step": A * batch_size * T, "dtype": gcfg.dtype, "attention": gcfg.attention,
+        "tokens_per_step": A * batch_size * T, "dtype": gcfg.dtype,
+        **implementations(gcfg, mesh.devices.flat[0].platform, batch_size // sharding.batch_divisor(mesh), T),
         "remat": gcfg.remat, "scan_layers": gcfg.scan_layers, "mesh": dict(mesh.shape), "data": source,
     }
     first = [x, y]  # the batch compiled against is the first one run
