@@ -38,7 +38,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.model.loss_chunk = 0  # positions per chunk of the chunked loss; 0: from the shapes (~256 MiB logits/device)
 
     c.data = config_dict.ConfigDict()
-    c.data.data_dir = "data/openwebtext"  # folder with train.bin, val.bin and meta.json
+    c.data.data_dir = "data/openwebtext"  # folder with train.bin, val.bin and meta.json; or gs://bucket/folder
+    c.data.cache_dir = "~/.cache/nanogpt_jax/data"  # each host's checked local copy of a gs:// data_dir
 
     c.train = config_dict.ConfigDict()
     c.train.batch_size = 12  # global sequences per micro-step (over all devices and hosts)

@@ -70,10 +70,11 @@ def validate(config: ConfigDict) -> None:
         raise ConfigError(f"model.{e}") from None
     init = config.init_from
     _check(bool(init), "init_from", config, "must be scratch, resume, a GPT-2 name or an HF folder")
-    if init not in ("scratch", "resume") and not is_pretrained_name(init) and not os.path.isdir(init):
+    folder = os.path.isdir(init) or "://" in init  # a gs:// HF folder is checked when it is copied
+    if init not in ("scratch", "resume") and not is_pretrained_name(init) and not folder:
         raise ConfigError(f"init_from={init!r}: not scratch, resume, a GPT-2 name ({', '.join(GPT2_SIZES)}) "
                           "or an existing Hugging Face folder")
-    if (is_pretrained_name(init) or os.path.isdir(init)) and m.block_size > 1024 and init != "resume":
+    if (is_pretrained_name(init) or folder) and m.block_size > 1024 and init != "resume":
         raise ConfigError(f"model.block_size={m.block_size}: GPT-2 weights cover 1024 positions; use <= 1024")
     _positive(config, "train.batch_size", "train.gradient_accumulation_steps", "train.eval_interval",
               "train.eval_iters", "train.log_interval", "train.keep_checkpoints", "train.max_skipped")

@@ -47,6 +47,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from nanogpt_jax import storage
 from nanogpt_jax.errors import CheckpointError, ConfigError
 from nanogpt_jax.model import GPT, GPT2_SIZES, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig, init_params
 
@@ -409,7 +410,10 @@ def _sharding_leaves(shardings: Any, treedef: Any, scan_layers: bool) -> list[An
 
 
 def _resolve(source: str) -> tuple[Path, list[Path]]:
-    """(config.json, weight files) of a GPT-2 name (HF cache or download) or a local HF folder."""
+    """(config.json, weight files) of a GPT-2 name (HF cache or download), a local HF folder, or a
+    gs:// one (copied first to storage.WEIGHTS_CACHE_DIR)."""
+    if storage.is_url(source):
+        return _from_folder(storage.local_folder(source))
     folder = Path(source).expanduser()
     if folder.is_dir():
         return _from_folder(folder)
@@ -552,7 +556,7 @@ def export_hf(
         CheckpointError: out_dir exists and is not empty (without overwrite), params do not match
             config (the leaf named), or vocab_size exceeds config.vocab_size.
     """
-    out = Path(out_dir).expanduser()
+    out = storage.path(out_dir)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} exists and is not empty: choose a new folder or pass overwrite=True")
     if vocab_size is None:
@@ -581,7 +585,14 @@ def export_hf(
                               f"the config (scan_layers={config.scan_layers})")
     tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:vocab_size]
 
-    _write_folder(out, overwrite, lambda tmp: _write_hf_files(tmp, tensors, _gpt_to_hf_config(config, vocab_size)))
+    hf_config = _gpt_to_hf_config(config, vocab_size)
+    if storage.is_url(out_dir):  # a bucket has no renames: each file in one upload, config.json (what HF reads) last
+        with tempfile.TemporaryDirectory(prefix="nanogpt_jax-export-") as tmp:
+            _write_hf_files(Path(tmp), tensors, hf_config)
+            for name in (SAFETENSORS, "config.json"):
+                storage.upload(Path(tmp) / name, out / name)
+    else:
+        _write_folder(out, overwrite, lambda tmp: _write_hf_files(tmp, tensors, hf_config))
     logging.info("exported %d tensors to %s (vocab %d)", len(tensors), out, vocab_size)
     return out
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from nanogpt_jax import storage
 from nanogpt_jax import tokenizer as tokenizers
 from nanogpt_jax.errors import DataError
 
@@ -54,7 +55,7 @@ SCAN_CHUNKS, SCAN_CHUNK_TOKENS = 64, 4096  # the sampled check of token ids at o
 
 def prepare_hint(data_dir: str | Path) -> str:
     """The command that creates `data_dir`."""
-    d = Path(data_dir)
+    d = storage.path(data_dir)
     if d.name in KNOWN_DATASETS:
         return f"python data_prep/{d.name}.py --out_dir {d}"
     return f"python data_prep/text.py --inputs YOUR_FILES --out_dir {d}"
@@ -94,6 +95,8 @@ def load_meta(data_dir: str | Path) -> dict:
     no objects; else, for a nanoGPT folder holding only .bin files, GPT-2 ids as uint16 (with a warning).
     Raises DataError for a missing folder, a folder without data, or a damaged or foreign meta file.
     """
+    if storage.is_url(data_dir):
+        return _load_remote_meta(str(data_dir))
     d = Path(data_dir)
     if not d.is_dir():
         raise DataError(f"data dir {d} does not exist; create it with: {prepare_hint(d)}")
@@ -113,10 +116,35 @@ def load_meta(data_dir: str | Path) -> dict:
     else:
         raise DataError(f"{d} holds no prepared data (train.bin, val.bin, meta.json); create it with: "
                         f"{prepare_hint(d)}")
+    return _checked_meta(meta, d)
+
+
+def _checked_meta(meta: dict, d: str | Path) -> dict:
     if meta["dtype"] not in DTYPES or not isinstance(meta["vocab_size"], int) or meta["vocab_size"] < 1:
         raise DataError(f"{d}: meta dtype {meta['dtype']!r} / vocab_size {meta['vocab_size']!r} are not "
                         f"uint16/uint32 and a positive int; re-create it: {prepare_hint(d)}")
     return meta
+
+
+def _load_remote_meta(url: str) -> dict:
+    """meta.json of a data folder in a bucket, read there (no copy): a URL folder needs one."""
+    path = storage.path(url) / "meta.json"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        storage.check_bucket(url, "data.data_dir")  # a missing bucket or no credentials say so first
+        raise DataError(f"data.data_dir={url} has no meta.json (train.bin, val.bin, meta.json); prepare it there "
+                        f"with: python data_prep/<dataset>.py --out_dir {url}") from None
+    except Exception as e:  # noqa: BLE001 - gcsfs / google-auth errors
+        raise storage.explain(e, path, "read") from None
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"cannot read {path} ({e}); prepare the folder again") from None
+    missing = [k for k in ("tokenizer", "vocab_size", "dtype") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing)}; prepare the folder again")
+    return _checked_meta(meta, url)
 
 
 def model_vocab_size(meta: dict) -> int:
@@ -172,13 +200,13 @@ def find_data_dir(data_dir: str | Path, recorded: str | Path | None = None) -> P
     Raises DataError when the chosen folder does not exist (naming the recorded one when that one is
     here), or when an explicit folder's vocabulary is not the one the run trained on (naming both).
     """
-    chosen, explicit = Path(data_dir), str(data_dir) != DEFAULT_DATA_DIR
-    here = recorded is not None and Path(recorded).is_dir()
+    chosen, explicit = storage.path(data_dir), str(data_dir) != DEFAULT_DATA_DIR
+    here = recorded is not None and _is_folder(recorded)
     if here and not explicit:
-        return Path(recorded)
-    if recorded is not None and not here and not explicit and chosen.is_dir():
+        return storage.path(recorded)
+    if recorded is not None and not here and not explicit and _is_folder(chosen):
         logging.warning("the checkpoint's data_dir %s is not here; reading data.data_dir=%s", recorded, chosen)
-    if not chosen.is_dir():
+    if not _is_folder(chosen):
         if here:
             raise DataError(f"data.data_dir={str(data_dir)!r} does not exist; the checkpoint was trained on "
                             f"{recorded}: pass --config.data.data_dir={recorded}, or leave data.data_dir unset")
@@ -187,7 +215,7 @@ def find_data_dir(data_dir: str | Path, recorded: str | Path | None = None) -> P
                             f"{str(data_dir)!r} does not exist; pass --config.data.data_dir=DIR, the data it was "
                             "trained on (its tokenizer is read from DIR/meta.json)")
         load_meta(chosen)  # raises DataError: how to create it
-    if here and Path(recorded).resolve() != chosen.resolve():
+    if here and _resolved(recorded) != _resolved(chosen):
         mine, theirs = tokenizer_for(chosen), tokenizer_for(recorded)
         if not tokenizers.same_vocabulary(mine, theirs):
             raise DataError(f"data.data_dir={str(data_dir)!r} holds {tokenizers.describe(mine.name, mine.n_vocab)}, "
@@ -195,6 +223,20 @@ def find_data_dir(data_dir: str | Path, recorded: str | Path | None = None) -> P
                             f"{tokenizers.describe(theirs.name, theirs.n_vocab)} (other characters or ids); pass "
                             f"--config.data.data_dir={recorded} or data prepared with the same vocabulary")
     return chosen
+
+
+def _is_folder(p: str | Path) -> bool:
+    """A local folder, or a bucket folder holding meta.json (a URL `p` is not a path on this machine)."""
+    if storage.is_url(p):
+        try:
+            return (storage.path(p) / "meta.json").exists()
+        except Exception:  # noqa: BLE001 - no bucket or no credentials: load_meta reports it
+            return False
+    return Path(p).is_dir()
+
+
+def _resolved(p: str | Path) -> str:
+    return str(p).rstrip("/") if storage.is_url(p) else str(Path(p).resolve())
 
 
 # ---- splits --------------------------------------------------------------------------------------
@@ -250,17 +292,26 @@ class Dataset:
     """A prepared data folder, checked once at start-up.
 
     Args:
-      data_dir: the folder with train.bin, val.bin and meta.json (or nanoGPT's meta.pkl).
+      data_dir: the folder with train.bin, val.bin and meta.json (or nanoGPT's meta.pkl); or a bucket URL
+        (gs://...): its meta.json and the `splits` are first copied to `cache_dir` and checked
+        (`storage.local_data_dir`), and that copy is memory-mapped.
       block_size: the model's context; every split must hold more tokens.
       model_vocab_size: the model's embedding rows (None: the data's vocab_size). meta.json's
         vocab_size and a sampled scan of each split's ids must fit it.
       splits: the splits to open and check.
+      cache_dir: the local copies of bucket data folders (data.cache_dir).
     Raises:
       DataError: each problem above, with the fix, on one line.
     """
 
     def __init__(self, data_dir: str | Path, *, block_size: int, model_vocab_size: int | None = None,
-                 splits: Iterable[str] = ("train", "val")):
+                 splits: Iterable[str] = ("train", "val"), cache_dir: str | Path = storage.DEFAULT_CACHE_DIR):
+        splits = tuple(splits)
+        if storage.is_url(data_dir):  # memory-mapping needs local files: a checked copy (process 0 shows progress)
+            import jax
+
+            load_meta(data_dir)  # a missing bucket, credentials or meta.json: said before any copy
+            data_dir = storage.local_data_dir(data_dir, cache_dir, splits, show_progress=jax.process_index() == 0)
         self.data_dir = Path(data_dir)
         self.meta = load_meta(self.data_dir)
         self.vocab_size: int = self.meta["vocab_size"]

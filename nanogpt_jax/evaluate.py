@@ -54,8 +54,8 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import data, download, hellaswag, loggers, rows, sharding, tokenizer
-from nanogpt_jax.errors import ConfigError, DataError
+from nanogpt_jax import data, download, hellaswag, loggers, rows, sharding, storage, tokenizer
+from nanogpt_jax.errors import ConfigError, DataError, UserError
 from nanogpt_jax.model import GPT, token_losses
 from nanogpt_jax.tokenizer import Tokenizer
 
@@ -238,7 +238,7 @@ def _harness_tasks(config: ConfigDict, tasks: Sequence[str]) -> tuple[list[str],
 def _check_loss_data(data_dir: str | Path) -> None:
     """Raises DataError when the loss task's folder is missing, pointing at the tasks that need none
     (pretrained weights come without data; their user need not prepare OpenWebText to evaluate them)."""
-    if not Path(data_dir).is_dir():
+    if not data._is_folder(data_dir):
         raise DataError(f"the loss task reads data.data_dir={str(data_dir)!r}, which does not exist; choose "
                         "eval.tasks that need no data folder (text, wikitext2, hellaswag), e.g. "
                         "--config.eval.tasks=\"('wikitext2','hellaswag')\", or pass --config.data.data_dir=DIR, "
@@ -316,7 +316,8 @@ class Evaluator:
     def _split(config: ConfigDict, model: GPT, tok: Tokenizer, data_dir: str | Path) -> tuple[np.ndarray, dict]:
         split = config.eval.split
         _check_loss_data(data_dir)
-        ds = data.Dataset(data_dir, block_size=1, model_vocab_size=model.config.vocab_size, splits=(split,))
+        ds = data.Dataset(data_dir, block_size=1, model_vocab_size=model.config.vocab_size, splits=(split,),
+                          cache_dir=config.data.cache_dir)
         if not tokenizer.same_vocabulary(ds.tokenizer, tok):
             raise DataError(f"{data_dir} was tokenized with a {ds.tokenizer.n_vocab}-token {ds.tokenizer.name} "
                             f"vocabulary, the model uses a {tok.n_vocab}-token {tok.name} one; evaluate on data "
@@ -526,13 +527,12 @@ def markdown(report: dict) -> str:
 
 def write_report(report: dict, json_path: str | Path) -> tuple[Path, Path]:
     """Write the report to json_path and its markdown table beside it (.md), each atomically."""
-    json_path = Path(json_path)
+    json_path = storage.path(json_path)
     md_path = json_path.with_suffix(".md")
     try:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        download.write_text_atomic(json_path, json.dumps(report, indent=2) + "\n")
-        download.write_text_atomic(md_path, markdown(report))
-    except (OSError, DataError) as e:
+        storage.write_atomic(json_path, json.dumps(report, indent=2) + "\n")
+        storage.write_atomic(md_path, markdown(report))
+    except (OSError, UserError) as e:
         why = getattr(e, "strerror", None) or e
         raise DataError(f"cannot write the report {json_path} ({why}); choose another --config.eval.out") from None
     return json_path, md_path
@@ -584,7 +584,7 @@ def run(config: ConfigDict, out: TextIO | None = None) -> dict:
                              "include_path": config.eval.lm_eval_include_path,
                              "num_fewshot": config.eval.num_fewshot, "limit": config.eval.max_examples}
     if jax.process_index() == 0:
-        json_path, md_path = write_report(report, config.eval.out or Path(config.out_dir) / "eval.json")
+        json_path, md_path = write_report(report, config.eval.out or storage.join(config.out_dir, "eval.json"))
         (out or sys.stdout).write(markdown(report))
         logging.info("wrote %s and %s", json_path, md_path)
     return report

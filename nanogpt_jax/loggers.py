@@ -26,6 +26,13 @@ file is rewritten atomically); TensorBoard hides the earlier events at steps >= 
 at s, tensorboardX's purge_step); W&B reopens the same run, whose history only appends, so steps it
 already holds are not sent again. A fresh run (resume_step None) starts a new CSV, hides all earlier
 events in out_dir/tb and starts a new W&B run.
+
+A gs:// out_dir (any URL): the files are written as above in a local temporary folder and uploaded,
+each whole in one upload (an object in a bucket is replaced whole: readers never see half a file),
+every UPLOAD_SECONDS, at each `sync()` (the trainer calls it after each checkpoint save, so the
+bucket's CSV holds every step before the newest checkpoint) and at `close()`. A resume first
+downloads the run's metrics.csv and wandb_run.json. TensorBoard reads the events from the bucket
+(`tensorboard --logdir gs://.../tb`). W&B keeps its local files in ~/.cache/nanogpt_jax/wandb/.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ import csv
 import io
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 from absl import logging
 
+from nanogpt_jax import storage
 from nanogpt_jax.errors import DataError
 from nanogpt_jax.metrics import format_mfu
 
@@ -51,6 +61,7 @@ if TYPE_CHECKING:
 CSV_NAME = "metrics.csv"
 TB_DIR = "tb"
 WANDB_STATE = "wandb_run.json"
+UPLOAD_SECONDS = 30.0  # a gs:// out_dir's logs are uploaded at most this often (and at sync / close)
 
 
 # ---- the console line --------------------------------------------------------------------------
@@ -146,11 +157,14 @@ class Progress:
 # ---- CSV ----------------------------------------------------------------------------------------
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """(header, rows) of a metrics CSV. A last line without its newline is a row cut short by a
-    kill during the write: it is left out."""
-    with open(path, newline="") as f:
-        text = f.read()
+def _read_csv(path: storage.AnyPath) -> tuple[list[str], list[dict[str, str]]]:
+    """(header, rows) of a metrics CSV (a local path or a URL). A last line without its newline is
+    a row cut short by a kill during the write: it is left out."""
+    if isinstance(path, Path):
+        with open(path, newline="") as f:
+            text = f.read()
+    else:
+        text = path.read_bytes().decode()
     if not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
     reader = csv.DictReader(io.StringIO(text))
@@ -196,6 +210,9 @@ class _CSV:
         self.writer.writerow({"step": step, **metrics})  # str(float): shortest exact repr
         self.file.flush()
 
+    def flush(self) -> None:
+        pass  # every row is flushed as it is written
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
@@ -223,6 +240,9 @@ class _TensorBoard:
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
 
+    def flush(self) -> None:
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -234,7 +254,8 @@ class _Wandb:
     """A W&B run (the wandb extra; WANDB_MODE=offline works without a network, `wandb sync` later).
     Its id and last logged step live in out_dir/wandb_run.json so a resume continues the run."""
 
-    def __init__(self, out_dir: Path, project: str, config: dict[str, Any] | None, resume_step: int | None):
+    def __init__(self, out_dir: Path, project: str, config: dict[str, Any] | None, resume_step: int | None,
+                 wandb_dir: Path | None = None):
         try:
             import wandb
         except ImportError:
@@ -247,7 +268,7 @@ class _Wandb:
         self.last_step = state.get("last_step", -1)
         self.run = wandb.init(
             project=project,
-            dir=str(out_dir),
+            dir=str(wandb_dir or out_dir),
             id=state.get("id"),
             resume="allow",
             config=config,
@@ -269,6 +290,58 @@ class _Wandb:
 
     def close(self) -> None:
         self.run.finish()
+
+
+# ---- a bucket out_dir --------------------------------------------------------------------------
+
+
+class _Mirror:
+    """The local folder the backends write for a URL out_dir, and its upload to the bucket.
+
+    Only files the backends own are uploaded (metrics.csv, wandb_run.json, tb/*), each when it
+    changed since its last upload, whole, in one upload."""
+
+    def __init__(self, remote: storage.AnyPath, resume_step: int | None):
+        self.remote = remote
+        self.local = Path(tempfile.mkdtemp(prefix="nanogpt_jax-logs-"))
+        self.sent: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) at its last upload
+        self.last = time.monotonic()
+        if resume_step is not None:  # the rows and W&B id of the run so far
+            for name in (CSV_NAME, WANDB_STATE):
+                try:
+                    if (remote / name).exists():
+                        (self.local / name).write_bytes((remote / name).read_bytes())
+                except Exception as e:  # noqa: BLE001
+                    raise storage.explain(e, remote / name, "read") from None
+
+    def _files(self) -> list[Path]:
+        files = [self.local / CSV_NAME, self.local / WANDB_STATE]
+        tb = self.local / TB_DIR
+        if tb.is_dir():
+            files += sorted(p for p in tb.rglob("*") if p.is_file())
+        return [p for p in files if p.is_file()]
+
+    def sync(self, backends: dict[str, Any], force: bool = False) -> None:
+        """Upload what changed; unless `force`, at most every UPLOAD_SECONDS."""
+        if not force and time.monotonic() - self.last < UPLOAD_SECONDS:
+            return
+        self.last = time.monotonic()
+        for name in ("csv", "tensorboard"):
+            if name in backends:
+                backends[name].flush()
+        for p in self._files():
+            rel = p.relative_to(self.local).as_posix()
+            stat = p.stat()
+            if self.sent.get(rel) == (stat.st_size, stat.st_mtime_ns):
+                continue
+            try:
+                storage.upload(p, self.remote / rel)
+                self.sent[rel] = (stat.st_size, stat.st_mtime_ns)
+            except Exception as e:  # noqa: BLE001 - a network error must not stop training: the next sync retries
+                logging.warning("uploading %s failed (%s); retrying at the next upload", self.remote / rel, e)
+
+    def close(self) -> None:
+        shutil.rmtree(self.local, ignore_errors=True)
 
 
 # ---- the logger the trainer uses ----------------------------------------------------------------
@@ -307,9 +380,13 @@ class MetricLogger:
     ):
         self.is_main = jax.process_index() == 0 if is_main is None else is_main
         self.backends: dict[str, Any] = {}
+        self._mirror: _Mirror | None = None
         if not self.is_main:
             return
-        out = Path(out_dir)
+        out = Path(out_dir) if not storage.is_url(out_dir) else None
+        if out is None and (tensorboard or csv or wandb_project):
+            self._mirror = _Mirror(storage.path(out_dir), resume_step)
+            out = self._mirror.local
         starters: dict[str, Callable[[], Any]] = {}
         if console:
             starters["console"] = lambda: _Console(total_steps)
@@ -318,7 +395,7 @@ class MetricLogger:
         if tensorboard:
             starters["tensorboard"] = lambda: _TensorBoard(out / TB_DIR, config, resume_step)
         if wandb_project:
-            starters["wandb"] = lambda: _Wandb(out, wandb_project, config, resume_step)
+            starters["wandb"] = lambda: _Wandb(out, wandb_project, config, resume_step, _wandb_dir(out_dir))
         if len(starters) > 1:
             out.mkdir(parents=True, exist_ok=True)
         for name, start in starters.items():
@@ -338,6 +415,14 @@ class MetricLogger:
                 backend.log(int(step), values)
             except Exception as e:  # noqa: BLE001
                 self._drop(name, e)
+        if self._mirror is not None:
+            self._mirror.sync(self.backends)
+
+    def sync(self) -> None:
+        """With a gs:// out_dir, upload the logs now (the trainer calls it after each checkpoint save);
+        locally nothing to do (the files are flushed as they are written)."""
+        if self._mirror is not None:
+            self._mirror.sync(self.backends, force=True)
 
     def _drop(self, name: str, error: Exception) -> None:
         logging.warning(
@@ -357,6 +442,10 @@ class MetricLogger:
             except Exception as e:  # noqa: BLE001
                 logging.warning("%s logging failed to close: %s: %s", name, type(e).__name__, e)
         self.backends.clear()
+        if self._mirror is not None:
+            self._mirror.sync({}, force=True)
+            self._mirror.close()
+            self._mirror = None
 
     def __enter__(self) -> MetricLogger:
         return self
@@ -365,13 +454,22 @@ class MetricLogger:
         self.close()
 
 
+def _wandb_dir(out_dir: str | os.PathLike) -> Path | None:
+    """W&B's local folder: out_dir itself, or for a URL out_dir ~/.cache/nanogpt_jax/wandb/<bucket>/<path>."""
+    if not storage.is_url(out_dir):
+        return None
+    folder = Path("~/.cache/nanogpt_jax/wandb").expanduser() / os.fspath(out_dir).split("://", 1)[1].strip("/")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 # ---- the loss curve -----------------------------------------------------------------------------
 
 
 def read_metrics(csv_path: str | os.PathLike) -> dict[str, list[float | None]]:
     """The columns of a metrics.csv as lists of floats (None for an empty cell).
     Raises DataError (one line) if the file is missing or holds no rows."""
-    path = Path(csv_path)
+    path = storage.path(csv_path)
     if path.is_dir():
         path = path / CSV_NAME
     if not path.is_file():
@@ -412,11 +510,11 @@ def loss_figure(csv_path: str | os.PathLike) -> Figure:
     return fig
 
 
-def plot_loss(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Path:
+def plot_loss(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> storage.AnyPath:
     """Draw `loss_figure(csv_path)` into a PNG. Returns the PNG path. Raises DataError when the CSV is
     missing or has no loss (then no PNG is written)."""
     fig = loss_figure(csv_path)
-    png = Path(png_path)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
-    return png
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
+    storage.write_atomic(png_path, image.getvalue())  # one upload to a bucket
+    return storage.path(png_path)

@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from nanogpt_jax import download
+from nanogpt_jax import download, storage
 from nanogpt_jax import tokenizer as tokenizers
 from nanogpt_jax.errors import DataError, UserError, fail
 
@@ -57,11 +57,26 @@ _GPT2_SAFE_CUT = re.compile(r"(?=[ \n][A-Za-z0-9])")
 # ---- output folder and files ---------------------------------------------------------------------
 
 
+# local folders that stand for a bucket's folder: commit() uploads what it wrote there
+_BUCKET_OF: dict[Path, str] = {}
+
+
 def check_out_dir(out_dir: str | os.PathLike) -> Path:
     """`out_dir` as a Path after checking it can be created and written (nothing is created yet).
 
-    Raises DataError naming the folder when it is a file or lies in a folder that cannot be written.
+    A URL (gs://bucket/folder): its bucket is checked (exists, credentials), and the folder is built
+    in its local cache copy (`storage.cache_folder` under storage.DEFAULT_CACHE_DIR, so this host can
+    train on it without downloading); `commit` uploads train.bin, val.bin, then meta.json.
+
+    Raises DataError naming the folder when it is a file or lies in a folder that cannot be written;
+    UserError for a bucket that does not exist or cannot be reached.
     """
+    if storage.is_url(out_dir):
+        url = os.fspath(out_dir).rstrip("/")
+        storage.check_bucket(url, "--out_dir")
+        local = storage.cache_folder(url, storage.DEFAULT_CACHE_DIR)
+        _BUCKET_OF[local] = url
+        return local
     out = Path(out_dir).expanduser()
     probe = out
     while not probe.exists():  # the nearest existing ancestor is where mkdir will write
@@ -125,10 +140,20 @@ def commit(out_dir: Path, tok: tokenizers.Tokenizer, splits: dict[str, dict], so
     for split, stats in splits.items():
         if stats["tokens"] == 0:
             raise DataError(f"the {split} split came out empty ({source}); give more input text")
+    # sha256: a copy of the folder (storage.local_data_dir) is checked against it
+    splits = {s: {**v, "sha256": storage.sha256_file(partial_path(out_dir, s))} for s, v in splits.items()}
     meta = {"format": FORMAT, **tok.meta(), "splits": splits, "source": source}
     for split in splits:
         os.replace(partial_path(out_dir, split), out_dir / f"{split}.bin")
     write_json(out_dir / "meta.json", meta)
+    url = _BUCKET_OF.get(out_dir)
+    if url is not None:  # meta.json last: a folder with meta.json is complete
+        for name in (*(f"{s}.bin" for s in splits), "meta.json"):
+            logging.info("uploading %s to %s", name, url)
+            storage.upload(out_dir / name, f"{url}/{name}")
+        for s in splits:  # this host's copy is the one just checked: no download to train here
+            storage.write_atomic(out_dir / f"{s}.bin.sha256", splits[s]["sha256"])
+        out_dir = url
     logging.info("wrote %s: %s", out_dir, ", ".join(f"{s} {v['tokens']:,} tokens" for s, v in splits.items()))
     return meta
 

@@ -27,7 +27,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import data, distributed, evaluate, loggers, metrics, sharding
+from nanogpt_jax import data, distributed, evaluate, loggers, metrics, sharding, storage
 from nanogpt_jax.checkpoint import Checkpointer
 from nanogpt_jax.errors import CheckpointError, UserError, out_of_memory_is_a_user_error
 from nanogpt_jax.model import GPT, GPTConfig, implementations
@@ -35,8 +35,9 @@ from nanogpt_jax.optim import OptimConfig, make_optimizer
 from nanogpt_jax.step import TrainState, abstract_state, init_state, make_eval_step, make_train_step, param_shardings
 
 
-def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
-    return Path(out_dir) / "checkpoints"
+def checkpoint_dir(out_dir: str | os.PathLike) -> storage.AnyPath:
+    """out_dir/checkpoints (a local Path, or an epath.Path for a gs:// out_dir)."""
+    return storage.path(out_dir) / "checkpoints"
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -46,7 +47,11 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def check_out_dir_writable(out_dir: str | os.PathLike) -> None:
-    """Raise UserError unless out_dir exists as a writable folder or could be created; creates nothing."""
+    """Raise UserError unless out_dir exists as a writable folder or could be created (a URL: its bucket
+    exists and this machine's credentials can list it); creates nothing."""
+    if storage.is_url(out_dir):
+        storage.check_bucket(out_dir, "out_dir")
+        return
     path = Path(out_dir).absolute()
     base = _nearest_existing(path)
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
@@ -56,7 +61,15 @@ def check_out_dir_writable(out_dir: str | os.PathLike) -> None:
 
 def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
     """Create out_dir (on process 0) and check it is writable; called once the first step has run."""
-    path = Path(out_dir)
+    path = storage.path(out_dir)
+    if storage.is_url(out_dir):  # a bucket has no folders to create: a probe object shows we can write
+        probe = path / f".write-test-{os.getpid()}"
+        try:
+            probe.write_text("")
+            probe.unlink()
+        except Exception as e:  # noqa: BLE001 - gcsfs / google-auth errors
+            raise storage.explain(e, out_dir, "write to") from None
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
@@ -80,15 +93,18 @@ def check_run_folder(config: ConfigDict) -> int | None:
 
     Raises:
         CheckpointError: init_from=resume and out_dir has no checkpoint.
-        UserError: a new run (init_from scratch or pretrained weights) into a folder that holds a
+        UserError: a gs:// out_dir whose bucket does not exist or cannot be read (credentials);
+            a new run (init_from scratch or pretrained weights) into a folder that holds a
             run (checkpoints or logs): its files would be mixed with or replaced by the new run's;
             or a folder with the logs of a run that never saved a checkpoint (killed early).
         NothingToTrain: init_from=resume and the latest checkpoint is at or past train.max_iters
             (and train.eval_only is off).
     """
-    out = Path(config.out_dir)
+    if storage.is_url(config.out_dir):  # no bucket or no credentials: said first, in one line
+        storage.check_bucket(config.out_dir, "out_dir")
+    out = storage.path(config.out_dir)
     ckpt_dir = checkpoint_dir(out)
-    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
+    steps = _saved_steps(ckpt_dir)
     logs = [name for name in RUN_FILES if (out / name).exists()]
     if logs and not steps:  # a run stopped (killed) before its first checkpoint: nothing to resume, logs to keep
         raise UserError(
@@ -111,10 +127,19 @@ def check_run_folder(config: ConfigDict) -> int | None:
     return None
 
 
+def _saved_steps(ckpt_dir: storage.AnyPath) -> list[int]:
+    """The complete checkpoints' steps, as orbax finds them: on a bucket a step folder exists while it is
+    being written (objects cannot be renamed into place), so the folder names alone are not enough."""
+    if not ckpt_dir.is_dir():
+        return []
+    with Checkpointer(ckpt_dir, read_only=True) as ckpt:
+        return ckpt.all_steps()
+
+
 class NothingToTrain(Exception):
     """init_from=resume found a checkpoint at or past max_iters: nothing to do, nothing to write."""
 
-    def __init__(self, out_dir: Path, step: int, max_iters: int):
+    def __init__(self, out_dir: storage.AnyPath, step: int, max_iters: int):
         super().__init__(f"nothing left to train: {out_dir} is at step {step} (train.max_iters={max_iters})")
         self.out_dir, self.step, self.max_iters = out_dir, step, max_iters
 
@@ -295,10 +320,10 @@ class _Run:
         self.mesh = mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
         B, A = c.train.batch_size, c.train.gradient_accumulation_steps
         sharding.check_batch_size(B, sharding.batch_divisor(mesh))
-        meta = data.load_meta(c.data.data_dir)
+        meta = data.load_meta(c.data.data_dir)  # a gs:// folder's meta.json is read in the bucket
         data.check_init_vocabulary(c.init_from, c.data.data_dir, meta)
         check_out_dir_writable(c.out_dir)
-        self.out_dir = Path(c.out_dir)
+        self.out_dir = storage.path(c.out_dir)
         self.resume_step = resume_step
         # read-only until the first step has run: restoring must not create or change anything
         self.ckpt = Checkpointer(checkpoint_dir(self.out_dir), read_only=True)
@@ -306,7 +331,8 @@ class _Run:
             self.model, self.state, resumed = build_state(c, mesh, self.ckpt, meta)
             gcfg = self.model.config
             T = gcfg.block_size
-            dataset = data.Dataset(c.data.data_dir, block_size=T, model_vocab_size=gcfg.vocab_size)
+            dataset = data.Dataset(c.data.data_dir, block_size=T, model_vocab_size=gcfg.vocab_size,
+                                   cache_dir=c.data.cache_dir)
             # run_eval.py's tasks at every evaluation, prepared (and checked) now rather than at the first eval
             self.eval_tasks = evaluate.Evaluator(c, self.model, mesh, dataset.tokenizer, c.train.eval_tasks) \
                 if c.train.eval_tasks else None
@@ -333,7 +359,7 @@ class _Run:
         self.logger: loggers.MetricLogger | None = None  # opened by open_outputs
         self.pending_rows: list[tuple[int, dict]] = []
         self.record = {"config": json.loads(c.to_json()), "model": asdict(gcfg),
-                       "data_dir": str(Path(c.data.data_dir).resolve()), "tokenizer": dataset.meta.get("tokenizer")}
+                       "data_dir": _absolute(c.data.data_dir), "tokenizer": dataset.meta.get("tokenizer")}
         self.step = self.start
         self.stopped_by: int | None = None
         self.step_times: list[float] = []
@@ -383,6 +409,8 @@ class _Run:
             return
         best = None if math.isinf(self.best_val) else self.best_val
         self.ckpt.save(self.step, self.state, record={**self.record, "best_val_loss": best}, val_loss=val_loss)
+        if self.logger is not None:  # a gs:// out_dir: the bucket's logs cover every step before this checkpoint
+            self.logger.sync()
 
     def evaluate(self) -> None:
         """Loss on the fixed train and val batches; checkpoint on a new best (or always, if configured)."""
@@ -480,10 +508,15 @@ class _Run:
             summary["mfu"] = metrics.mfu(self.flops_per_token, summary["tokens_per_sec"], self.mesh.size, self.peak)
         # nothing was written (stopped before the first step) or nothing may be (an eval_only run)
         if jax.process_index() == 0 and self.logger is not None and not self.config.train.eval_only:
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            storage.write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             if self.config.log.csv and self.last.get("val_loss") is not None:
                 loggers.plot_loss(self.out_dir / "metrics.csv", self.out_dir / "loss.png")
         return summary
+
+
+def _absolute(p: str) -> str:
+    """A local path made absolute (the record must find it from any working folder); a URL as it is."""
+    return str(p).rstrip("/") if storage.is_url(p) else str(Path(p).resolve())
 
 
 def _latest(ckpt: Checkpointer) -> str:

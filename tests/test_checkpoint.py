@@ -28,7 +28,7 @@ import pytest
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from nanogpt_jax import checkpoint
+from nanogpt_jax import checkpoint, storage
 from nanogpt_jax.checkpoint import Checkpointer
 from nanogpt_jax.errors import CheckpointError
 from nanogpt_jax.model import GPT, GPTConfig, init_params
@@ -155,7 +155,16 @@ def test_round_trip_sync_save_and_concrete_target(tmp_path, state3):
 # ---- retention and best ------------------------------------------------------------------------
 
 
-def test_keeps_latest_two_plus_best(tmp_path, params):
+@pytest.fixture(params=["local", "gs"])
+def folder(request, tmp_path):
+    """A local folder, or a bucket on the local GCS server (conftest's gcs_server): the same checks on both."""
+    if request.param == "local":
+        return tmp_path
+    return storage.path(request.getfixturevalue("gcs_server")())
+
+
+def test_keeps_latest_two_plus_best(folder, params):
+    tmp_path = folder
     state = make_state(params)
     ckpt = Checkpointer(tmp_path / "ckpt", keep=2)
     for step, loss in zip([100, 200, 300, 400, 500], [3.0, 2.5, 2.7, 2.8, 2.9], strict=True):
@@ -178,7 +187,8 @@ def test_keeps_latest_two_plus_best(tmp_path, params):
     assert Checkpointer(tmp_path / "ckpt").best_step() == 800
 
 
-def test_same_step_again_is_skipped_older_step_is_an_error(tmp_path, state3):
+def test_same_step_again_is_skipped_older_step_is_an_error(folder, state3):
+    tmp_path = folder
     with Checkpointer(tmp_path / "ckpt") as ckpt:
         ckpt.save(3, state3, record={}, val_loss=2.0)
         ckpt.save(3, state3, record={"again": True}, val_loss=1.0)  # e.g. a resumed run stopped at once

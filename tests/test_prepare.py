@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanogpt_jax import data, openwebtext, prepare, tokenizer
+from nanogpt_jax import data, openwebtext, prepare, storage, tokenizer
 from nanogpt_jax.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +113,8 @@ def test_text_documents_streamed_in_pieces(tmp_path, monkeypatch):
     train, val = expected_text_split(docs)
     assert ids(tmp_path / "out" / "train.bin") == train and ids(tmp_path / "out" / "val.bin") == val
     assert train.count(EOT) + val.count(EOT) == len(docs)  # one per document
-    assert meta["splits"]["train"] == {"tokens": len(train), "max_id": EOT}
+    sha256 = storage.sha256_file(tmp_path / "out" / "train.bin")  # what a copy from a bucket is checked against
+    assert meta["splits"]["train"] == {"tokens": len(train), "max_id": EOT, "sha256": sha256}
     assert listing(tmp_path / "out") == ["meta.json", "train.bin", "val.bin"]
 
 

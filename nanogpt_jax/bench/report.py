@@ -15,6 +15,7 @@ pairs the rows of two reports by their settings and prints new / old for the `ME
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from nanogpt_jax import metrics
+from nanogpt_jax import metrics, storage
 from nanogpt_jax.errors import DataError
 
 SCHEMA = "nanogpt_jax-bench/1"
@@ -192,11 +193,10 @@ def _jsonable(x: Any) -> Any:
 
 def write(report: dict, out: str | os.PathLike) -> list[Path]:
     """Write `out` (JSON), the markdown table beside it (.md) and, for two rows or more, a chart (.png)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_jsonable(report), indent=1) + "\n")
+    out = storage.path(out)  # a local path or a gs:// URL
+    storage.write_atomic(out, json.dumps(_jsonable(report), indent=1) + "\n")
     md = out.with_suffix(".md")
-    md.write_text(markdown(report))
+    storage.write_atomic(md, markdown(report))
     paths = [out, md]
     if len(report["rows"]) > 1 and report["mode"] != "profile":
         paths.append(chart(report, out.with_suffix(".png")))
@@ -378,8 +378,10 @@ def chart(report: dict, path: str | os.PathLike) -> Path:
     env = report["env"]
     ax.set(xlabel=xlabel, title=f"run_bench.py {mode}: {env['device_count']} x {env['device_kind']}")
     ax.grid(axis="x", alpha=0.3)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
+    storage.write_atomic(path, image.getvalue())
+    path = storage.path(path)
     return path
 
 
