@@ -164,7 +164,8 @@ class NanoGPTLM(TemplateLM):
             raise ConfigError(f"model_args checkpoint={checkpoint!r}: must be latest or best")
         config = ConfigDict({
             "init_from": "resume" if out_dir is not None else str(init_from), "out_dir": str(out_dir or "."),
-            "model": {"dtype": str(dtype), "attention": "auto", "block_size": 1 << 30},
+            "model": {"dtype": str(dtype), "attention": "auto", "loss": "chunked", "loss_chunk": 0,
+                      "block_size": 1 << 30},
             "data": {"data_dir": str(data_dir)}, "sample": {"checkpoint": checkpoint}})
         mesh = sharding.make_mesh(int(mesh_data), int(mesh_fsdp), int(mesh_tensor))
         model, params, tok, source = sample.load_model(config, mesh=mesh, checkpoint=checkpoint)

@@ -75,6 +75,18 @@ def write_token_data(folder, vocab_size: int = 64, n_train: int = 20_000, n_val:
     return folder
 
 
+@pytest.fixture
+def nan_training_loss(monkeypatch):
+    """Every training loss is NaN (the train step's `GPT.losses` with dropout on); evaluation is untouched."""
+    original = GPT.losses
+
+    def losses(module, idx_BT, targets_BT, deterministic=True):
+        out = original(module, idx_BT, targets_BT, deterministic)
+        return out if deterministic else out * float("nan")
+
+    monkeypatch.setattr(GPT, "losses", losses)
+
+
 @pytest.fixture(scope="session")
 def token_data(tmp_path_factory):
     return write_token_data(tmp_path_factory.mktemp("tokens"))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, free_port, make_unwritable, tiny_run_config
 
-from nanogpt_jax import loggers, step
+from nanogpt_jax import loggers
 from nanogpt_jax.checkpoint import Checkpointer
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.train import checkpoint_dir, train
@@ -149,8 +149,8 @@ def test_an_impossible_shape_is_one_line_and_writes_nothing(token_data, tmp_path
     assert not out.exists()
 
 
-def test_a_run_that_fails_before_its_first_save_leaves_no_checkpoints_folder(token_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(step, "lm_loss", lambda logits, targets: (logits.sum() * float("nan")).astype("float32"))
+def test_a_run_that_fails_before_its_first_save_leaves_no_checkpoints_folder(token_data, tmp_path,
+                                                                              nan_training_loss):
     out = tmp_path / "nan_early"
     with pytest.raises(UserError, match=r"non-finite.*\(no checkpoint yet\) is untouched"):
         train(tiny_run_config(token_data, out, **{"train.max_skipped": 2}))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, tiny_run_config
 
-from nanogpt_jax import loggers, step
+from nanogpt_jax import loggers
 from nanogpt_jax.checkpoint import Checkpointer
 from nanogpt_jax.errors import CheckpointError, ConfigError, DataError, UserError
 from nanogpt_jax.train import checkpoint_dir, train
@@ -158,8 +158,7 @@ def test_sigterm_saves_and_exits_zero(token_data, tmp_path):
     ckpt.close()
 
 
-def test_nan_never_reaches_a_checkpoint(token_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(step, "lm_loss", lambda logits, targets: jax.numpy.float32(float("nan")) * logits.sum())
+def test_nan_never_reaches_a_checkpoint(token_data, tmp_path, nan_training_loss):
     out = tmp_path / "nan"
     with pytest.raises(UserError, match=r"3 steps in a row up to step 2 had a non-finite loss"):
         train(tiny_run_config(token_data, out, **{"train.max_skipped": 3, "train.eval_interval": 2}))
