@@ -408,11 +408,19 @@ def _zeros_init(names: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
+def recompute_elementwise() -> bool:
+    """Whether the backward pass recomputes LayerNorms and GELUs from their inputs (see
+    `_layer_norm` and `Projection.activation`): on accelerators, whose memory bounds the batch, yes;
+    on CPUs, where memory is plentiful and elementwise work is a large share of a small model's step
+    (the demo ran 8% slower with it), no. Decided from the devices the step is traced for."""
+    return context_platform() != "cpu"
+
+
 def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
     # GPT-2's epsilon is 1e-5 (Flax's default, 1e-6, shifts the logits of pretrained weights).
-    # nn.remat: the backward pass recomputes the normalisation from the input, which the residual
-    # stream keeps anyway; XLA would otherwise keep its float32 intermediates, several (B, T, D) each
-    return nn.remat(nn.LayerNorm)(
+    # nn.remat on accelerators: the backward pass recomputes the normalisation from the input, which the
+    # residual stream keeps anyway; XLA would otherwise keep its float32 intermediates, (B, T, D) each
+    return (nn.remat(nn.LayerNorm) if recompute_elementwise() else nn.LayerNorm)(
         epsilon=1e-5, use_bias=config.bias, dtype=config.compute_dtype, name=name,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
         bias_init=_zeros_init(("norm",)),
@@ -425,8 +433,9 @@ class Projection(nn.Module):
     `nn.DenseGeneral` would create its kernel flat and reshape it, which loses the per-axis
     logical names that let tensor parallelism split the heads.
 
-    `activation`, when given, is applied to x first, and it and the matmul run under one
-    `jax.checkpoint`: the backward pass recomputes the activation from x (elementwise, cheap)
+    `activation`, when given, is applied to x first, and on accelerators (`recompute_elementwise`)
+    it and the matmul run under one `jax.checkpoint`: the backward pass recomputes the activation
+    from x (elementwise, cheap)
     instead of keeping its output for the matmul's weight gradient. For GPT-2's GELU before
     mlp.c_proj that saves a (B, T, 4D) array per layer, the largest activation of the step.
     """
@@ -450,7 +459,8 @@ class Projection(nn.Module):
                 x = self.activation(x)
             return jax.lax.dot_general(x, kernel.astype(c.compute_dtype), (contract, ((), ())))
 
-        y = (project if self.activation is None else jax.checkpoint(project))(x, kernel)
+        recompute = self.activation is not None and recompute_elementwise()
+        y = (jax.checkpoint(project) if recompute else project)(x, kernel)
         if c.bias:
             y = y + self.param("bias", _zeros_init(self.names[n_in:]), self.out_shape).astype(c.compute_dtype)
         return y

@@ -100,6 +100,30 @@ def test_scan_and_remat_give_the_same_function(tiny_config, tiny_params, remat):
 
 
 @pytest.mark.parametrize("scan", [False, True])
+def test_recomputing_layer_norms_and_gelus_changes_no_value(tiny_config, tiny_params, monkeypatch, scan):
+    """On accelerators the backward pass recomputes LayerNorms and GELUs (`recompute_elementwise`);
+    forced on here, the loss and every gradient are those of the plain CPU path."""
+    from nanogpt_jax import model as model_lib
+
+    idx = jax.random.randint(jax.random.key(4), (2, 16), 0, tiny_config.vocab_size)
+    model = GPT(dataclasses.replace(tiny_config, scan_layers=scan))
+    params = stack_layers(tiny_params, 2) if scan else tiny_params
+
+    def loss(p):
+        return model.apply({"params": p}, idx[:, :-1], idx[:, 1:], method=GPT.losses).mean()
+
+    ref_loss, ref_grads = jax.value_and_grad(loss)(params)
+    # jax.checkpoint's primitive is remat2; fresh lambdas, since make_jaxpr caches traces per function
+    assert "remat" not in str(jax.make_jaxpr(lambda p: loss(p))(params))
+    monkeypatch.setattr(model_lib, "recompute_elementwise", lambda: True)
+    assert str(jax.make_jaxpr(lambda p: loss(p))(params)).count("remat") >= 4  # ln_1, ln_2, mlp.c_proj, ln_f
+    out_loss, out_grads = jax.value_and_grad(lambda p: loss(p))(params)
+    np.testing.assert_allclose(out_loss, ref_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(out_grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scan", [False, True])
 def test_kv_cache_decode_equals_full_forward(tiny_config, tiny_params, scan):
     config = dataclasses.replace(tiny_config, scan_layers=scan)
     params = stack_layers(tiny_params, 2) if scan else tiny_params
