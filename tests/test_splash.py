@@ -166,21 +166,25 @@ def test_training_with_splash_matches_xla(token_data, tmp_path, fresh_log):
 
 @needs_libtpu
 @pytest.mark.slow
-def test_tpu_compile_with_splash_holds_less_than_with_xla_attention():
+def test_tpu_compile_with_splash_and_the_chunked_loss_holds_less_than_xla_attention_and_full_logits():
     """The tiny config widened to block 1024 and head size 64, compiled for a v5e-4 (data=4, 4 sequences
-    per chip): splash saves at least the bf16 (B, H, T, T) attention weights that the XLA step keeps
-    for the backward pass of each layer."""
+    per chip), with the step as it was (XLA attention, whole logits) and as it is (splash attention, the
+    chunked loss in chunks of 128 positions): the new step's temporaries are smaller by at least the bf16
+    (B, H, T, T) attention weights the XLA step keeps for each layer's backward pass plus one float32
+    copy of the (B, T, V) logits."""
     from configs import tiny
     from nanogpt_jax import aot
 
-    temps = {}
-    for attention in ("xla", "splash"):
+    temps, reports = {}, {}
+    for name, attention, loss in (("old", "xla", "full"), ("new", "splash", "chunked")):
         c = tiny.get_config()
-        c.model.update(n_layer=2, n_head=4, n_embd=256, block_size=1024, vocab_size=256, dtype="bfloat16",
-                       scan_layers=True, attention=attention)
+        c.model.update(n_layer=2, n_head=4, n_embd=256, block_size=1024, vocab_size=2048, dtype="bfloat16",
+                       scan_layers=True, attention=attention, loss=loss, loss_chunk=128)
         c.train.batch_size, c.mesh.data = 16, 4
-        report = aot.compile_train_step(c, "v5e:2x2")
+        reports[name] = report = aot.compile_train_step(c, "v5e:2x2")
         assert report.error is None and report.fits
-        temps[attention] = report.memory["temp_size_in_bytes"]
-    L, B_chip, H, T = 2, 4, 4, 1024
-    assert temps["splash"] < temps["xla"] - L * B_chip * H * T * T * 2, temps
+        temps[name] = report.memory["temp_size_in_bytes"]
+    assert reports["old"].implementations == {"attention": "xla", "loss": "full"}
+    assert reports["new"].implementations == {"attention": "splash", "loss": "chunked: 8 x 128 positions"}
+    L, B_chip, H, T, V = 2, 4, 4, 1024, 2048
+    assert temps["new"] < temps["old"] - L * B_chip * H * T * T * 2 - B_chip * T * V * 4, temps
