@@ -257,3 +257,17 @@ def test_export_to_a_bucket_and_init_from_it(gcs_server, tiny_config, tiny_param
     assert {p.name for p in storage.path(url).iterdir()} == {"config.json", "model.safetensors"}
     _, params = convert.load_pretrained(url)
     assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), params, tiny_params))
+
+
+def test_bench_data_mode_reads_a_bucket_data_dir(gcs_server, token_data, tmp_path):
+    """run_bench.py's data mode times the bucket's tokens (through the checked local copy), not random ids."""
+    from configs import tiny
+    from nanogpt_jax.bench.data import bench_rows
+
+    url = upload_data(token_data, f"{gcs_server()}/bench")
+    c = tiny.get_config()
+    c.data.data_dir, c.data.cache_dir, c.bench.steps = url, str(tmp_path / "cache"), 10
+    rows = bench_rows(c)
+    assert rows and all(r["settings"]["source"] == url for r in rows), rows
+    assert (storage.cache_folder(url, tmp_path / "cache") / "train.bin").read_bytes() == \
+        (token_data / "train.bin").read_bytes()

@@ -169,7 +169,7 @@ def bench_rows(config) -> list[dict]:
     at least 100 batches timed. Results as `nanogpt_jax.bench.report.KEYS["data"]`.
     """
     from nanogpt_jax import config as config_lib
-    from nanogpt_jax import data, sharding
+    from nanogpt_jax import data, sharding, storage
 
     c = config
     block_size = c.model.block_size
@@ -178,8 +178,10 @@ def bench_rows(config) -> list[dict]:
     sizes = tuple(c.bench.batch_sizes) or (c.train.batch_size,)
     n_batches = max(100, c.bench.steps)
     with tempfile.TemporaryDirectory() as tmp:
-        if Path(c.data.data_dir).is_dir() and (Path(c.data.data_dir) / "train.bin").is_file():
-            tokens, source = data.Dataset(c.data.data_dir, block_size=block_size).split("train"), c.data.data_dir
+        if (storage.path(c.data.data_dir) / "train.bin").is_file():  # a local folder or a bucket's (copied, checked)
+            dataset = data.Dataset(c.data.data_dir, block_size=block_size, splits=("train",),
+                                   cache_dir=c.data.cache_dir)
+            tokens, source = dataset.split("train"), c.data.data_dir
         else:
             path = Path(tmp) / "train.bin"
             vocab = c.model.vocab_size or config_lib.model_kwargs(c)["vocab_size"]

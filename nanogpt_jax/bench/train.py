@@ -35,7 +35,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import data, metrics, sharding
+from nanogpt_jax import data, metrics, sharding, storage
 from nanogpt_jax.bench import report
 from nanogpt_jax.model import GPT, implementations
 from nanogpt_jax.optim import make_optimizer
@@ -61,7 +61,7 @@ def model_vocab_size(config: ConfigDict) -> int | None:
     """model.vocab_size, else the data's (as run_train.py pads it) when data.data_dir has meta, else None."""
     if config.model.vocab_size:
         return config.model.vocab_size
-    if Path(config.data.data_dir).is_dir():
+    if storage.path(config.data.data_dir).is_dir():  # a local folder or a bucket's (gs://)
         try:
             return data.model_vocab_size(data.load_meta(config.data.data_dir))
         except Exception:  # noqa: BLE001 - a folder without usable meta: fall back to the default vocabulary
@@ -99,7 +99,8 @@ def setup(config: ConfigDict, batch_size: int) -> Setup:
     shard = sharding.batch_sharding(mesh, 3)
     close = lambda: None  # noqa: E731
     if c.bench.data:
-        dataset = data.Dataset(c.data.data_dir, block_size=T, model_vocab_size=gcfg.vocab_size)
+        dataset = data.Dataset(c.data.data_dir, block_size=T, model_vocab_size=gcfg.vocab_size, splits=("train",),
+                               cache_dir=c.data.cache_dir)
         loader = data.TrainBatches(dataset.split("train"), batch_size=batch_size, block_size=T, grad_accum=A,
                                    seed=c.seed, sharding=shard)
         prefetch = loader.prefetch(0)  # as the training loop reads them: built ahead by a background thread
