@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from pathlib import Path
 from typing import Any, TextIO
 
 import jax
@@ -18,7 +17,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import data, tokenizer
+from nanogpt_jax import data, storage, tokenizer
 from nanogpt_jax.checkpoint import Checkpointer
 from nanogpt_jax.errors import CheckpointError, ConfigError, UserError
 from nanogpt_jax.model import GPT, GPTConfig, init_params
@@ -82,13 +81,14 @@ def load_model(config: ConfigDict, mesh: jax.sharding.Mesh | None = None,
 
 
 def read_prompt(prompt: str) -> str:
-    """The prompt text: the value itself, or the contents of FILE:path."""
+    """The prompt text: the value itself, or the contents of FILE:path (a local path or a gs:// URL)."""
     if prompt.startswith("FILE:"):
-        path = Path(prompt[5:])
+        path = storage.path(prompt[5:])
         try:
             return path.read_text(encoding="utf-8")
         except OSError as e:
-            raise UserError(f"sample.prompt=FILE:{path}: cannot read it ({e.strerror})") from None
+            why = e.strerror or " ".join(str(e).split())[:200]
+            raise UserError(f"sample.prompt=FILE:{path}: cannot read it ({why})") from None
     return prompt
 
 

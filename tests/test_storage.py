@@ -271,3 +271,13 @@ def test_bench_data_mode_reads_a_bucket_data_dir(gcs_server, token_data, tmp_pat
     assert rows and all(r["settings"]["source"] == url for r in rows), rows
     assert (storage.cache_folder(url, tmp_path / "cache") / "train.bin").read_bytes() == \
         (token_data / "train.bin").read_bytes()
+
+
+def test_a_prompt_file_in_a_bucket(gcs_server):
+    from nanogpt_jax import sample
+
+    url = f"{gcs_server()}/prompts/p.txt"
+    storage.write_atomic(url, "ROMEO:")
+    assert sample.read_prompt(f"FILE:{url}") == "ROMEO:"
+    with pytest.raises(UserError, match="cannot read it"):
+        sample.read_prompt(f"FILE:{gcs_server()}/prompts/missing.txt")

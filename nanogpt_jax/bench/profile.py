@@ -21,6 +21,8 @@ import collections
 import gzip
 import json
 import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from typing import Any
 import jax
 from ml_collections import ConfigDict
 
-from nanogpt_jax import sharding
+from nanogpt_jax import sharding, storage
 from nanogpt_jax.bench import train as train_bench
 
 
@@ -90,7 +92,9 @@ def bench_profile(config: ConfigDict) -> list[dict[str, Any]]:
     """Trace bench.steps train steps into <out_dir>/profile; one row (report.KEYS["profile"])."""
     batch_size = train_bench.batch_sizes(config)[0]
     s = train_bench.setup(config, batch_size)
-    trace_dir = Path(config.out_dir) / "profile"
+    # the profiler writes local files: into a temporary folder when out_dir is a bucket, uploaded after
+    remote = storage.join(config.out_dir, "profile") if storage.is_url(config.out_dir) else None
+    trace_dir = Path(tempfile.mkdtemp(prefix="nanogpt_profile_")) if remote else Path(config.out_dir) / "profile"
     steps = config.bench.steps
     try:
         train_bench.run_steps(s, 0, 1 + config.bench.warmup)
@@ -109,7 +113,13 @@ def bench_profile(config: ConfigDict) -> list[dict[str, Any]]:
     perfetto = [p for p in files if p.name.endswith("perfetto_trace.json.gz")]
     names = hlo_op_names(s.compiled.as_text())
     times = op_times(max(perfetto, key=lambda p: p.stat().st_mtime), names) if perfetto else collections.Counter()
-    results = {"trace_dir": str(trace_dir), "trace_files": [str(p) for p in files], "ms_per_step": ms_per_step,
+    trace_files = [str(p) for p in files]
+    if remote:
+        trace_files = [storage.join(remote, *f.relative_to(trace_dir).parts) for f in files]
+        for f, url in zip(files, trace_files, strict=True):
+            storage.upload(f, url)
+        shutil.rmtree(trace_dir)
+    results = {"trace_dir": remote or str(trace_dir), "trace_files": trace_files, "ms_per_step": ms_per_step,
                "op_ms_per_step": sum(times.values()) / 1e3 / steps, "top_ops": top_ops(times, names, steps),
                "top_sources": top_sources(times, names, steps)}
     return [{"settings": {**s.settings, "steps": steps}, "results": results}]
