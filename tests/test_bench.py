@@ -263,12 +263,21 @@ def test_ctrl_c_is_one_line(token_data, tmp_path):
     import time
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run_bench.py"), "--config", str(ROOT / "configs/tiny.py"),
-                             f"--config.data.data_dir={token_data}", "--config.bench.steps=1000000",
-                             f"--config.bench.out={tmp_path / 'r.json'}"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(12)  # past the compile, into the timed steps
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    # a test run started in the background (`make test &`, nohup) ignores SIGINT, and a child inherits an
+    # ignored signal; a handled one is reset to the default at exec: handle it here while starting the child
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "run_bench.py"), "--config", str(ROOT / "configs/tiny.py"),
+                                 f"--config.data.data_dir={token_data}", "--config.bench.steps=1000000",
+                                 f"--config.bench.out={tmp_path / 'r.json'}"],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    try:
+        time.sleep(12)  # past the compile, into the timed steps
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never left running a million steps
     assert proc.returncode == 1 and err.strip().splitlines()[-1] == "error: interrupted", err[-3000:]
     assert "Fatal Python error" not in err and "Traceback" not in err
