@@ -307,11 +307,13 @@ def main(config: ConfigDict) -> Report | list[Report]:
         UserError: the step does not fit the chip's HBM (after printing the report), so the CLI
             exits 1; ConfigError for a bad topology, mesh or batch.
     """
-    if flags.FLAGS.sweep:
+    if flags.FLAGS.sweep is not None:
         try:
             sizes = [int(s) for s in flags.FLAGS.sweep.split(",")]
+            if min(sizes) < 1:
+                raise ValueError
         except ValueError:
-            raise ConfigError(f"--sweep={flags.FLAGS.sweep!r}: give per-chip batch sizes as integers, e.g. "
+            raise ConfigError(f"--sweep={flags.FLAGS.sweep!r}: give per-chip batch sizes as positive integers, e.g. "
                               "--sweep=8,16,24,32") from None
         reports = sweep(config, flags.FLAGS.topology, sizes)
         print(format_sweep(reports), flush=True)

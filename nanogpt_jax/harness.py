@@ -325,8 +325,14 @@ def evaluate_tasks(lm: NanoGPTLM, names: Sequence[str], manager: Any, *, num_few
     filter other than "none" is named "<metric>/<filter>"), the same on every process."""
     # the harness bootstraps some stderrs in a forked process pool, which a process running jax must not
     os.environ.setdefault("DISABLE_MULTIPROC", "1")  # fork: the same draws, in this process
-    results = lm_eval.simple_evaluate(model=lm, tasks=list(names), num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, log_samples=False)
+    try:
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(names), num_fewshot=num_fewshot, limit=limit,
+                                          task_manager=manager, log_samples=False)
+    except (ConnectionError, FileNotFoundError) as e:  # datasets' offline and not-found errors subclass these
+        why = " ".join(str(e).split())[:200]
+        raise UserError(f"lm_eval tasks {', '.join(names)}: a dataset could not be loaded ({why}); offline, fill "
+                        "the Hugging Face cache (HF_HOME) on a machine with a network, or define the task by a local "
+                        "YAML over local files (eval.lm_eval_include_path)") from None
     out = {}
     for task, metrics in results["results"].items():
         entry: dict[str, Any] = {}

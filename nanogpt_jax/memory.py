@@ -40,7 +40,9 @@ micro-step, a compute dtype of c bytes and tensor-parallel size t:
 `total` is the sum. XLA frees and reuses buffers, so a compiled program's footprint differs:
 tests/test_memory.py checks the formula against `compiled.memory_analysis()` (CPU, float32)
 within 15%, and `python -m nanogpt_jax.aot` prints both for TPU slices: for gpt2 and gpt2-xl on
-v5e and v4 with scan_layers the estimate is within -11%..+19% of XLA's figure (README table).
+v5e and v4 with scan_layers and the XLA attention the estimate is within -11%..+19% of XLA's figure;
+with splash attention and the chunked loss (the TPU default) it is about 19% below it (gpt2, 24 to 40
+sequences per v5e chip), which can call a tight shape "fits": check those with the aot tool.
 Not modelled: what XLA keeps beyond this without scan_layers (gpt2-xl, remat=full: 28% more), XLA's
 CPU backend fusing less (up to ~20% more for tiny models, more with scan_layers), tensor
 parallelism's activation all-gathers, and TPU layout padding of dimensions that are not multiples

@@ -231,11 +231,11 @@ def loss_chunk_len(config: GPTConfig, rows: int, T: int) -> int:
 def implementations(config: GPTConfig, platform: str, rows: int, T: int | None = None) -> dict[str, str]:
     """What a train or eval step of `config` runs on `platform` ("cpu", "gpu", "tpu") with `rows`
     sequences of T tokens (default block_size) per device, as run_bench, summary.json and the aot
-    tool name it: {"attention": "splash" / "cudnn" / "xla" (with the reason of a fallback),
+    tool name it: {"attention": "splash" / "cudnn" / "xla" (or "xla: <why>" for a fallback),
     "loss": `describe_loss`}."""
     T = T or config.block_size
     choice = attention_impl(config, platform, seq_len=T)
-    attention = f"{choice.impl} ({choice.reason})" if choice.reason else choice.impl
+    attention = f"{choice.impl}: {choice.reason}" if choice.reason else choice.impl
     return {"attention": attention, "loss": describe_loss(config, rows, T)}
 
 
@@ -317,7 +317,8 @@ def attention_impl(
         was asked for (explicitly or by "auto"), else "".
 
     Raises:
-        ConfigError: "splash" on GPUs (it is a TPU kernel; cudnn is the GPU's).
+        ConfigError: "splash" on GPUs (it is a TPU kernel; cudnn is the GPU's); "cudnn" off a GPU or in
+            float32.
     """
     platform = platform or context_platform()
     T = seq_len or config.block_size
@@ -332,6 +333,10 @@ def attention_impl(
     if impl == "splash" and platform == "gpu":
         raise ConfigError("model.attention='splash': splash attention is a TPU kernel; on GPUs use 'cudnn' "
                           "(or 'auto')")
+    if impl == "cudnn" and (platform != "gpu" or config.dtype not in ("bfloat16", "float16")):
+        where = f"{platform} devices" if platform != "gpu" else f"dtype={config.dtype}"
+        raise ConfigError(f"model.attention='cudnn': cuDNN's fused attention runs on GPUs in bfloat16/float16, not "
+                          f"on {where}; use 'auto' (or 'xla')")
     if impl in ("splash", "cudnn") and train and config.dropout > 0:
         return AttentionChoice("xla", f"{impl} attention has no dropout; training with model.dropout="
                                f"{config.dropout} uses the XLA attention (set model.dropout=0 to use {impl})")

@@ -128,6 +128,10 @@ def test_attention_impl_decides_from_the_platform():
     assert attention_impl(GPTConfig(attention="splash", block_size=1000), "tpu", seq_len=512) == ("splash", "")
     with pytest.raises(ConfigError, match=r"^model.attention='splash': splash attention is a TPU kernel; on GPUs"):
         attention_impl(GPTConfig(attention="splash"), "gpu")
+    for platform, dtype, where in (("cpu", "bfloat16", "cpu devices"), ("tpu", "bfloat16", "tpu devices"),
+                                   ("gpu", "float32", "dtype=float32")):
+        with pytest.raises(ConfigError, match=rf"^model.attention='cudnn': .* not on {where}; use 'auto'"):
+            attention_impl(GPTConfig(attention="cudnn", dtype=dtype), platform)
     with pytest.raises(ValueError, match="attention='flash' must be one of xla, cudnn, splash, auto"):
         GPTConfig(attention="flash")
 
