@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install install-aot lint clean
 
 $(STAMP): setup.cfg pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,10 +21,12 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 
 install: $(STAMP)
 
-# The TPU compiler (libtpu, a ~210 MB wheel; the version jax[tpu] pins) for `python -m nanogpt_jax.aot` and its
-# tests: it compiles for TPU slices on this machine. It stays outside the venv's packages: where libtpu is
-# importable and no TPU is attached, JAX tries the TPU first and libtpu prints warnings at every start (make
-# demo, run_*.py). TPU_LIBRARY_PATH shows it to JAX for the tests only; JAX still runs on the CPU there.
+# The TPU and GPU compilers for `python -m nanogpt_jax.aot` and its tests: they compile for TPU slices and
+# NVIDIA GPUs on this machine. Both stay outside the venv's packages: where libtpu or the CUDA plugin is
+# importable and no accelerator is attached, JAX tries it first and prints warnings at every start (make
+# demo, run_*.py). The aot tool finds them in .venv/libtpu and .venv/cuda_aot (or TPU_LIBRARY_PATH and
+# NANOGPT_CUDA_AOT_PATH); every other run stays on the CPU, quietly.
+# libtpu: a ~210 MB wheel, the version jax[tpu] pins.
 LIBTPU_DIR := $(abspath $(VENV))/libtpu
 TPU_STAMP := $(VENV)/.installed-libtpu
 $(TPU_STAMP): $(STAMP)
@@ -32,8 +34,25 @@ $(TPU_STAMP): $(STAMP)
 	  print(next(r.split(';')[0].replace(' ', '') for r in m.requires('jax') if r.startswith('libtpu')))")"
 	@touch $@
 
-test: $(STAMP) $(TPU_STAMP)
-	TPU_LIBRARY_PATH=$(LIBTPU_DIR)/libtpu/libtpu.so $(PY) -m pytest -q
+# The gpu-aot extra (setup.cfg), the CUDA plugin pinned to jax's version: ~940 MB of wheels (cuDNN's is 716
+# MB), cached by pip. Compiling needs only cuDNN's loader and graph library (jax reads cuDNN's version;
+# no kernel runs without a GPU), so its kernel libraries (1 GB) are removed: 0.7 GB stay on disk.
+CUDA_AOT_DIR := $(abspath $(VENV))/cuda_aot
+CUDA_STAMP := $(VENV)/.installed-cuda-aot
+$(CUDA_STAMP): $(STAMP)
+	rm -rf $(CUDA_AOT_DIR)
+	$(PIP) install -q --no-deps --target $(CUDA_AOT_DIR) $$($(PY) -c "import importlib.metadata as m; \
+	  v = m.version('jax'); extra = [r.split(';')[0].replace(' ', '') for r in m.requires('nanogpt_jax') \
+	  if 'gpu-aot' in r]; print(' '.join(r.split('>')[0] + '==' + v if r.startswith('jax-cuda') else r for r in extra))")
+	rm -f $(CUDA_AOT_DIR)/nvidia/cudnn/lib/libcudnn_adv.so.* $(CUDA_AOT_DIR)/nvidia/cudnn/lib/libcudnn_cnn.so.* \
+	  $(CUDA_AOT_DIR)/nvidia/cudnn/lib/libcudnn_engines_*.so.* $(CUDA_AOT_DIR)/nvidia/cudnn/lib/libcudnn_ext.so.* \
+	  $(CUDA_AOT_DIR)/nvidia/cudnn/lib/libcudnn_heuristic.so.* $(CUDA_AOT_DIR)/nvidia/cudnn/lib/libcudnn_ops.so.*
+	@touch $@
+
+install-aot: $(TPU_STAMP) $(CUDA_STAMP)
+
+test: $(STAMP) $(TPU_STAMP) $(CUDA_STAMP)
+	TPU_LIBRARY_PATH=$(LIBTPU_DIR)/libtpu/libtpu.so NANOGPT_CUDA_AOT_PATH=$(CUDA_AOT_DIR) $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check nanogpt_jax configs data_prep tests run_*.py

@@ -28,8 +28,9 @@ micro-step, a compute dtype of c bytes and tensor-parallel size t:
                  over tensor (q, k, v, attention output, the MLP hidden before and after GELU);
                  plus H/t x T attention entries of 8 + c bytes (float32 scores and probabilities,
                  and the probabilities in the compute dtype for the second matmul) with the XLA
-                 attention, or H/t float32 log-sum-exps with splash attention (TPUs), which never
-                 writes the scores out (`model.attention_impl` decides which runs). remat="full"
+                 attention, or H/t float32 log-sum-exps with a fused attention that never writes
+                 the scores out (splash on TPUs, cuDNN's on GPUs; `model.attention_impl` decides
+                 which runs). remat="full"
                  keeps only each block's input (D x c per token and layer) plus one layer being
                  recomputed; other remat policies are counted as "none" (an upper bound)
     logits       the float32 logits, n x V/t x 4 (their gradient takes over the buffer); with the
@@ -154,8 +155,8 @@ def estimate(config: GPTConfig, *, batch_size: int, grad_accum: int, mesh_shape:
     n_sharded, n_gathered, n_blocks = param_counts(config, mesh_shape)
     params = 4 * n_sharded
     heads = H // t if H % t == 0 else H
-    splash = attention_impl(config, platform or jax.default_backend()).impl == "splash"
-    per_layer_token = 4 * D * c + 12 * D * c // t + (heads * 4 if splash else heads * T * (8 + c))
+    fused = attention_impl(config, platform or jax.default_backend()).impl in ("splash", "cudnn")
+    per_layer_token = 4 * D * c + 12 * D * c // t + (heads * 4 if fused else heads * T * (8 + c))
     if config.remat == "full":
         activations = tokens * (L * D * c + per_layer_token)
         layers_kept = 2  # the layer being recomputed, and the next one's gathered weights

@@ -1,6 +1,6 @@
-"""Regenerate docs/scaling.md's table of TPU memory per chip: compile each case for its slice.
+"""Regenerate docs/scaling.md's tables of TPU and GPU memory per device: compile each case for its devices.
 
-    TPU_LIBRARY_PATH=.venv/libtpu/libtpu/libtpu.so python scripts/aot_table.py [--only 124m|xl|plan]
+    .venv/bin/python scripts/aot_table.py [--only 124m|xl|plan|gpu]     # after make install-aot
 
 Each row is `python -m nanogpt_jax.aot` with the row's settings (bf16, block 1024, scan_layers on,
 the config files' other values), compiled on this machine for the TPU slice, with the old step
@@ -8,6 +8,10 @@ the config files' other values), compiled on this machine for the TPU slice, wit
 (attention=auto, i.e. splash on TPUs, and the chunked loss). Per chip is XLA's `memory_analysis()`:
 arguments + outputs not aliased + temporaries + code. A case that does not fit shows what XLA said
 it needed. Takes about 10-20 minutes on 2 CPU cores.
+
+`--only gpu` makes the GPU tables instead (about 5 minutes): the same step (new only: cuDNN attention,
+chunked loss) compiled for H100s and A100s without a GPU; a GPU gives the step JAX's 75% of its
+memory. A deviceless GPU compile has no autotuning and builds no cuDNN graph (nanogpt_jax.targets).
 """
 
 from __future__ import annotations
@@ -50,6 +54,45 @@ def cases(only: str | None) -> list[tuple[str, str, str, dict]]:
     return rows
 
 
+def gpu_sweep() -> None:
+    """GPT-2 124M on one H100, block 1024, bf16, no remat: per-GPU batches until one does not fit."""
+    config = load("configs/owt.py", {**COMMON, "model.scan_layers": False, "mesh.data": 1,
+                                     "train.gradient_accumulation_steps": 1})
+    print("| per-GPU batch | tokens per step | per GPU (of 59.3 GiB) | estimate | loss | compile |")
+    print("| --- | --- | --- | --- | --- | --- |", flush=True)
+    for r in aot.sweep(config, "h100-1", [8, 16, 32, 64, 96, 128, 160, 192, 224, 256, 320]):
+        print(f"| {r.batch_size} | {r.tokens_per_step:,} | {cell(r)} | {r.estimate['total'] / GiB:.2f} GiB | "
+              f"{r.implementations['loss']} | {r.compile_seconds:.0f} s |", flush=True)
+
+
+def gpu_cases() -> list[tuple[str, str, str, dict]]:
+    """(row name, config file, topology, overrides): gpt2-xl finetunes and the OpenWebText plan."""
+    rows = []
+    for topo, mesh, batch, accum in (("h100-1", {"mesh.data": 1}, 8, 4), ("h100-8", {"mesh.data": 1, "mesh.fsdp": 8},
+                                                                          32, 1)):
+        for remat in ("none", "dots_with_no_batch_dims_saveable", "full"):
+            rows.append(("gpt2-xl finetune", "configs/finetune_shakespeare.py", topo,
+                         {**mesh, "train.batch_size": batch, "train.gradient_accumulation_steps": accum,
+                          "model.remat": remat}))
+    for topo, data, batch, accum in (("h100-8", 8, 96, 5), ("h100-8", 8, 480, 1), ("h100-16", 16, 480, 1),
+                                     ("a100-8", 8, 480, 1), ("a100-40g-8", 8, 96, 5), ("a100-40g-8", 8, 240, 2)):
+        rows.append(("gpt2 124M, OWT plan", "configs/owt.py", topo,
+                     {"mesh.data": data, "train.batch_size": batch, "train.gradient_accumulation_steps": accum}))
+    return rows
+
+
+def gpu_tables() -> None:
+    gpu_sweep()
+    print("\n| model | GPUs | mesh | batch x accum | remat | attention, loss | per GPU |")
+    print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    for model, path, topo, overrides in gpu_cases():
+        r = aot.compile_train_step(load(path, {**COMMON, **overrides, **NEW}), topo)
+        mesh = " ".join(f"{k}={v}" for k, v in r.mesh.items() if v > 1)
+        impl = f"{r.implementations['attention']}, {r.implementations['loss']}"
+        print(f"| {model} | {topo} | {mesh} | {r.batch_size} x {r.grad_accum} | {r.model['remat']} | {impl} | "
+              f"**{cell(r)}** |", flush=True)
+
+
 def load(path: str, overrides: dict):
     config = importlib.import_module(path.removesuffix(".py").replace("/", ".")).get_config()
     for key, value in overrides.items():
@@ -63,14 +106,16 @@ def cell(r: aot.Report) -> str:
         needed = r.error.split("required for HLO temporaries (")[-1].split(")")[0] if r.error else "?"
         return f"does not fit (temporaries {needed})"
     share = 100 * r.compiled_bytes / r.hbm_bytes
-    text = f"{r.compiled_bytes / GiB:.2f} GiB ({share:.0f}%)"
+    text = f"{r.compiled_bytes / GiB:.2f} GiB ({share:.0f}%)"  # of what the device gives the step
     return text if r.fits else f"does not fit ({text})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("124m", "xl", "plan"))
+    parser.add_argument("--only", choices=("124m", "xl", "plan", "gpu"))
     args = parser.parse_args()
+    if args.only == "gpu":
+        return gpu_tables()
     print("| model | slice | mesh | batch x accum | remat | old: xla attention + full logits | "
           "new: attention, loss | new per chip |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)

@@ -16,7 +16,7 @@ from conftest import tiny_run_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nanogpt_jax import loggers, model, sharding
+from nanogpt_jax import loggers, model, sharding, targets
 from nanogpt_jax.errors import ConfigError
 from nanogpt_jax.model import CausalSelfAttention, GPTConfig, attention_impl
 from nanogpt_jax.train import train
@@ -138,10 +138,8 @@ def test_attention_impl_decides_from_the_platform():
 
 @needs_libtpu
 def test_auto_is_splash_for_a_tpu_mesh_and_xla_for_a_cpu_mesh():
-    from nanogpt_jax import aot
-
     auto = GPTConfig(attention="auto")
-    tpu_mesh = sharding.make_mesh(data=4, devices=aot.topology("v5e:2x2").devices)
+    tpu_mesh = sharding.make_mesh(data=4, devices=targets.topology("v5e:2x2").devices)
     with sharding.activate(tpu_mesh):  # an AOT compile on this CPU host targets these TPU devices
         assert model.context_platform() == "tpu" and attention_impl(auto) == ("splash", "")
     with sharding.activate(sharding.make_mesh(data=8)):
