@@ -60,9 +60,11 @@ def gpu_sweep() -> None:
                                      "train.gradient_accumulation_steps": 1})
     print("| per-GPU batch | tokens per step | per GPU (of 59.3 GiB) | estimate | loss | compile |")
     print("| --- | --- | --- | --- | --- | --- |", flush=True)
-    for r in aot.sweep(config, "h100-1", [8, 16, 32, 64, 96, 128, 160, 192, 224, 256, 320]):
+    def row(r: aot.Report) -> None:
         print(f"| {r.batch_size} | {r.tokens_per_step:,} | {cell(r)} | {r.estimate['total'] / GiB:.2f} GiB | "
               f"{r.implementations['loss']} | {r.compile_seconds:.0f} s |", flush=True)
+
+    aot.sweep(config, "h100-1", [8, 16, 32, 64, 96, 128, 160, 192, 224, 256, 320], progress=row)
 
 
 def gpu_cases() -> list[tuple[str, str, str, dict]]:
