@@ -4,6 +4,8 @@
     (cd /tmp/nanoGPT && python data/shakespeare_char/prepare.py)       # nanoGPT's own data step
     python scripts/nanogpt_side_by_side.py /tmp/nanoGPT                 # from this repo's root
     python scripts/nanogpt_side_by_side.py /tmp/nanoGPT --what train --iters 200 --rounds 2 --json side.json
+    python scripts/nanogpt_side_by_side.py /tmp/nanoGPT --what step --device cuda --compile --dtype bfloat16 \
+        --step-batch 16 --step-block 1024                              # a GPU: torch.compile against ours
 
 nanoGPT stays in its own checkout: this script runs its files there, in their own processes, and
 never copies them. Three comparisons (--what, comma-separated; default all):
@@ -16,11 +18,15 @@ never copies them. Three comparisons (--what, comma-separated; default all):
           `run_train.py --config configs/shakespeare_char.py:cpu` on the checkout's own
           data/shakespeare_char (read through its meta.pkl) for as many steps (summary.json's
           ms_per_step: the median, the first step left out).
-  step    GPT-2 124M shape, a whole train step at --step-batch x --step-block tokens, float32:
-          nanoGPT's `bench.py --device=cpu --compile=False --real_data=False` (bias False, as bench.py
-          sets it; torch.cuda.synchronize, which a CPU-only torch lacks, is made a no-op) against
-          `run_bench.py --config configs/owt.py` with the same shape. MFU for both from the same
-          formula (metrics.FLOPS_FORMULA) and the same peak (the CPU matmul probe of our run).
+  step    GPT-2 124M shape, a whole train step at --step-batch x --step-block tokens in --dtype
+          (float32 by default): nanoGPT's `bench.py --device=cpu --compile=False --real_data=False`
+          (bias False, as bench.py sets it; without CUDA, torch.cuda.synchronize, which a CPU-only
+          torch lacks, is made a no-op) against `run_bench.py --config configs/owt.py` with the same
+          shape and dtype. On a GPU: --device cuda --compile (torch.compile) --dtype bfloat16 (bench.py
+          then runs under torch.autocast in bfloat16, as nanoGPT trains; ours computes in bfloat16).
+          MFU for both from the same formula (metrics.FLOPS_FORMULA) and the same peak (our run's:
+          the CPU matmul probe, or the datasheet of the GPU). `python -m nanogpt_jax.device_check
+          --nanogpt=DIR` runs this comparison on the machine it checks.
   sample  GPT-2 124M shape (random weights, float32, batch 1, a --prompt-len token prompt,
           --new-tokens new tokens, temperature 0.8, top_k 200 as sample.py samples): nanoGPT's
           `GPT.generate` from the checkout's model.py, called the way sample.py calls it (eval
@@ -58,7 +64,8 @@ TRAIN_ARGS = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_inter
 # otherwise (runpy, in the checkout, with its own command-line overrides)
 BENCH_SHIM = """
 import runpy, sys, torch
-torch.cuda.synchronize = lambda *a, **k: None
+if not torch.cuda.is_available():  # a GPU's synchronize stays: it ends each timed stretch
+    torch.cuda.synchronize = lambda *a, **k: None
 sys.argv = ["bench.py"] + sys.argv[1:]
 runpy.run_path("bench.py", run_name="__main__")
 """
@@ -157,18 +164,21 @@ def ours_train(checkout: Path, iters: int, tmp: Path) -> dict:
 # ---- step: GPT-2 124M train step, nanoGPT's bench.py vs run_bench.py ------------------------------
 
 
-def nanogpt_step(checkout: Path, batch: int, block: int, tmp: Path) -> dict:
-    log = run([sys.executable, "-c", BENCH_SHIM, "--device=cpu", "--compile=False", "--real_data=False",
-               "--dtype=float32", f"--batch_size={batch}", f"--block_size={block}"], checkout)
+def nanogpt_step(checkout: Path, batch: int, block: int, tmp: Path, device: str = "cpu", compile: bool = False,
+                 dtype: str = "float32") -> dict:
+    log = run([sys.executable, "-c", BENCH_SHIM, f"--device={device}", f"--compile={compile}", "--real_data=False",
+               f"--dtype={dtype}", f"--batch_size={batch}", f"--block_size={block}"], checkout)
     ms = float(re.search(r"time per iteration: ([\d.]+)ms", log).group(1))
     return {"ms_per_step": ms, "tokens_per_s": batch * block / (ms / 1e3)}
 
 
-def ours_step(checkout: Path, batch: int, block: int, tmp: Path) -> dict:
+def ours_step(checkout: Path, batch: int, block: int, tmp: Path, device: str = "cpu", compile: bool = False,
+              dtype: str = "float32") -> dict:
+    """run_bench.py on the default backend (`device` and `compile` are nanoGPT's: ours always compiles)."""
     out = tmp / "ours-step.json"
     run([sys.executable, "run_bench.py", "--config", "configs/owt.py", f"--config.train.batch_size={batch}",
          f"--config.model.block_size={block}", "--config.train.gradient_accumulation_steps=1",
-         "--config.model.bias=False", "--config.model.vocab_size=50304", "--config.model.dtype=float32",
+         "--config.model.bias=False", "--config.model.vocab_size=50304", f"--config.model.dtype={dtype}",
          "--config.bench.steps=10", "--config.bench.warmup=2", f"--config.bench.out={out}",
          f"--config.out_dir={tmp}"], ROOT, our_env())
     r = json.loads(out.read_text())["rows"][0]["results"]
@@ -217,6 +227,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternating runs of each side")
     p.add_argument("--step-batch", type=int, default=4)
     p.add_argument("--step-block", type=int, default=256)
+    p.add_argument("--device", default="cpu", help="step: nanoGPT's device (cpu, cuda)")
+    p.add_argument("--compile", action="store_true", help="step: nanoGPT's model under torch.compile")
+    p.add_argument("--dtype", default="float32", help="step: float32 or bfloat16, both sides")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="sample: timed calls (best counts)")
@@ -236,7 +249,8 @@ def main() -> None:
         tmp = Path(tmp_name)
         jobs = {
             "train": (nanogpt_train, ours_train, (checkout, args.iters, tmp)),
-            "step": (nanogpt_step, ours_step, (checkout, args.step_batch, args.step_block, tmp)),
+            "step": (nanogpt_step, ours_step, (checkout, args.step_batch, args.step_block, tmp, args.device,
+                                                args.compile, args.dtype)),
             "sample": (nanogpt_sample, ours_sample, (checkout, args.prompt_len, args.new_tokens, args.repeats)),
         }
         for name in what:
@@ -259,10 +273,11 @@ def main() -> None:
             elif name == "step":
                 a, b = median_of(theirs, "tokens_per_s"), median_of(ours, "tokens_per_s")
                 peak, fpt = ours[0]["peak_flops_per_device"], ours[0]["flops_per_token"]
-                rows.append((f"gpt2 124M train step B{args.step_batch} T{args.step_block} fp32: tokens/s", a, b, b / a,
+                rows.append((f"gpt2 124M train step B{args.step_batch} T{args.step_block} {args.dtype} on "
+                             f"{args.device}{' (torch.compile)' if args.compile else ''}: tokens/s", a, b, b / a,
                              load_range))
                 if peak:
-                    rows.append(("  MFU (same formula, CPU probe peak " f"{peak / 1e9:.0f} GFLOP/s)", fpt * a / peak,
+                    rows.append((f"  MFU (same formula and peak, {peak / 1e12:.3g} TFLOP/s)", fpt * a / peak,
                                  fpt * b / peak, None, load_range))
             else:
                 a, b = median_of(theirs, "tokens_per_s"), median_of(ours, "tokens_per_s")

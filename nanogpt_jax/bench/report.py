@@ -119,7 +119,8 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """The installed version of a distribution (e.g. "jax", "orbax-checkpoint"), None when it is not installed."""
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -130,7 +131,7 @@ def environment() -> dict[str, Any]:
     """What the figures depend on: library versions, devices, the host CPU and its load."""
     device = jax.devices()[0]
     return {
-        **{name: _version(name) for name in ("jax", "jaxlib", "flax", "optax", "numpy")},
+        **{name: package_version(name) for name in ("jax", "jaxlib", "flax", "optax", "numpy")},
         "python": platform.python_version(), "backend": jax.default_backend(),
         "device_kind": device.device_kind, "device_count": jax.device_count(),
         "process_count": jax.process_count(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
@@ -179,11 +180,12 @@ def load(path: str | os.PathLike) -> dict:
     return check(report, str(path))
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+    """`x` with numpy scalars as Python numbers and non-finite floats as None (JSON has no NaN)."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, (np.integer, np.floating)):
         return x.item()
     if isinstance(x, float) and not math.isfinite(x):
@@ -194,7 +196,7 @@ def _jsonable(x: Any) -> Any:
 def write(report: dict, out: str | os.PathLike) -> list[Path]:
     """Write `out` (JSON), the markdown table beside it (.md) and, for two rows or more, a chart (.png)."""
     out = storage.path(out)  # a local path or a gs:// URL
-    storage.write_atomic(out, json.dumps(_jsonable(report), indent=1) + "\n")
+    storage.write_atomic(out, json.dumps(jsonable(report), indent=1) + "\n")
     md = out.with_suffix(".md")
     storage.write_atomic(md, markdown(report))
     paths = [out, md]
@@ -206,7 +208,8 @@ def write(report: dict, out: str | os.PathLike) -> list[Path]:
 # ---- markdown --------------------------------------------------------------------------------
 
 
-def _num(digits: int) -> Callable[[Any], str]:
+def num(digits: int) -> Callable[[Any], str]:
+    """A table cell's format: thousands separated, `digits` decimals."""
     return lambda v: f"{v:,.{digits}f}"
 
 
@@ -214,7 +217,8 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}%"
 
 
-def _mib(v: float) -> str:
+def mib(v: float) -> str:
+    """Bytes as a table cell in MiB."""
     return f"{v / 2**20:,.1f}"
 
 
@@ -227,25 +231,25 @@ COLUMNS: dict[str, list[Column]] = {
     "train": [("model", "model", str), ("params", "params", _mega), ("batch", "batch_size", str),
               ("block", "block_size", str), ("accum", "grad_accum", str), ("dtype", "dtype", str),
               ("attention", "attention", str), ("loss", "loss", str),
-              ("compile s", "compile_s", _num(1)), ("ms/step", "ms_per_step", _num(1)), ("p10", "ms_p10", _num(1)),
-              ("p90", "ms_p90", _num(1)), ("tokens/s", "tokens_per_s", _num(0)),
-              ("tokens/s/device", "tokens_per_s_per_device", _num(0)), ("MFU", "mfu", metrics.format_mfu),
-              ("args MiB", "argument_bytes", _mib), ("temp MiB", "temp_bytes", _mib),
-              ("device peak MiB", "device_peak_bytes", _mib)],
-    "profile": [("op", "name", str), ("jax op", "op_name", str), ("ms/step", "ms_per_step", _num(2)),
+              ("compile s", "compile_s", num(1)), ("ms/step", "ms_per_step", num(1)), ("p10", "ms_p10", num(1)),
+              ("p90", "ms_p90", num(1)), ("tokens/s", "tokens_per_s", num(0)),
+              ("tokens/s/device", "tokens_per_s_per_device", num(0)), ("MFU", "mfu", metrics.format_mfu),
+              ("args MiB", "argument_bytes", mib), ("temp MiB", "temp_bytes", mib),
+              ("device peak MiB", "device_peak_bytes", mib)],
+    "profile": [("op", "name", str), ("jax op", "op_name", str), ("ms/step", "ms_per_step", num(2)),
                 ("share", "share", _pct)],
     "profile_sources": [("jax op (all layers)", "source", str), ("ops", "ops", str),
-                        ("ms/step", "ms_per_step", _num(2)), ("share", "share", _pct)],
+                        ("ms/step", "ms_per_step", num(2)), ("share", "share", _pct)],
     "generate": [("model", "model", str), ("weights", "weights", str), ("batch", "batch_size", str),
                  ("dtype", "dtype", str),
                  ("KV cache", "kv_cache", lambda v: "yes" if v else "no"), ("prompt", "prompt_len", str),
-                 ("new", "new_tokens", str), ("compile s", "compile_s", _num(1)), ("prefill ms", "prefill_ms", _num(1)),
-                 ("decode tok/s", "decode_tokens_per_s", _num(1)), ("ms/token", "ms_per_token", _num(2)),
-                 ("tok/s all rows", "decode_tokens_per_s_all_rows", _num(1))],
+                 ("new", "new_tokens", str), ("compile s", "compile_s", num(1)), ("prefill ms", "prefill_ms", num(1)),
+                 ("decode tok/s", "decode_tokens_per_s", num(1)), ("ms/token", "ms_per_token", num(2)),
+                 ("tok/s all rows", "decode_tokens_per_s_all_rows", num(1))],
     "data": [("source", "source", str), ("batch", "batch_size", str), ("block", "block_size", str),
-             ("accum", "grad_accum", str), ("host ms/batch", "host_ms_per_batch", _num(3)),
-             ("host batches/s", "host_batches_per_s", _num(0)), ("ms/batch to device", "ms_per_batch", _num(3)),
-             ("batches/s", "batches_per_s", _num(0)), ("tokens/s", "tokens_per_s", _num(0))],
+             ("accum", "grad_accum", str), ("host ms/batch", "host_ms_per_batch", num(3)),
+             ("host batches/s", "host_batches_per_s", num(0)), ("ms/batch to device", "ms_per_batch", num(3)),
+             ("batches/s", "batches_per_s", num(0)), ("tokens/s", "tokens_per_s", num(0))],
 }
 
 
@@ -253,7 +257,10 @@ def _cells(row: dict) -> dict[str, Any]:
     return {**row["settings"], **row["results"], **(row["results"].get("memory") or {})}
 
 
-def _table(columns: list[Column], rows: list[dict[str, Any]], unknown: dict[str, str] | None = None) -> list[str]:
+def markdown_table(columns: list[Column], rows: list[dict[str, Any]],
+                   unknown: dict[str, str] | None = None) -> list[str]:
+    """The lines of a markdown table: one column per (header, key, format), one line per row dict;
+    a missing or None cell shows `unknown[key]`, else "-"."""
     lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = [fmt(row[key]) if row.get(key) is not None else (unknown or {}).get(key, "-")
@@ -288,10 +295,10 @@ def markdown(report: dict) -> str:
             lines += [f"trace of {row['settings']['steps']} steps ({r['ms_per_step']:.1f} ms/step traced, "
                       f"{r['op_ms_per_step']:.1f} ms/step in compiled operations over all threads): "
                       f"{r['trace_dir']}", ""]
-            lines += _table(COLUMNS["profile_sources"], r["top_sources"]) + [""]
-            lines += _table(COLUMNS["profile"], r["top_ops"])
+            lines += markdown_table(COLUMNS["profile_sources"], r["top_sources"]) + [""]
+            lines += markdown_table(COLUMNS["profile"], r["top_ops"])
     else:
-        lines = _table(COLUMNS[mode], [_cells(r) for r in report["rows"]], unknown={"mfu": "unknown"})
+        lines = markdown_table(COLUMNS[mode], [_cells(r) for r in report["rows"]], unknown={"mfu": "unknown"})
     return "\n".join([*lines, "", footer(report)]) + "\n"
 
 
