@@ -126,6 +126,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.dist.coordinator_address = placeholder(str)  # host:port of process 0
     c.dist.num_processes = placeholder(int)
     c.dist.process_id = placeholder(int)
+    # a process that sends no heartbeat for this long is lost: every other one exits with one line (seconds)
+    c.dist.heartbeat_timeout_s = 30
+    # start-up: how long the processes wait for all of them to join (seconds; JAX's default)
+    c.dist.initialization_timeout_s = 300
 
     c.compilation_cache_dir = placeholder(str)  # persistent XLA cache; None = off
 

@@ -34,6 +34,7 @@ import json
 import logging as pylogging
 import math
 import os
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -50,6 +51,49 @@ from nanogpt_jax.model import GPTConfig
 
 PyTree = Any
 STATE, RECORD = "state", "record"  # orbax item names: the sub-folders of each step folder
+
+
+class _BackgroundSaveFailures(pylogging.Filter):
+    """orbax reports a save that failed in its background thread (a rename refused, a full disk, a
+    bucket error) only by logging it with its traceback; with several processes the save then never
+    finishes, and waiting for it blocks every process. This filter, on absl's logger, notes the
+    failure for the checkpointer of that folder (`Checkpointer.check` raises it in the training loop
+    at the next step) and turns orbax's error records that carry a traceback into debug ones: the
+    traceback is in the debug log (--verbosity=1), not on the console, where our one line says what
+    happened."""
+
+    failures: dict[str, str] = {}  # the folder orbax names (a step's) -> the first failure's line
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        if "/orbax/" in record.pathname and record.levelno >= pylogging.ERROR and record.exc_info:
+            message = str(record.getMessage())
+            if "background" in message:
+                folder = re.search(r"directory: (\S+)", message)
+                error = record.exc_info[1]
+                self.failures.setdefault(folder.group(1).rstrip("/") if folder else "",
+                                         _first_line(error) if error is not None else message[:160])
+            record.levelno, record.levelname = pylogging.DEBUG, "DEBUG"
+        return True
+
+    @classmethod
+    def install(cls) -> None:
+        logger = pylogging.getLogger("absl")
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())
+
+    @classmethod
+    def _keys(cls, folder: str) -> list[str]:
+        return [k for k in cls.failures if k in ("", folder) or k.startswith(folder + "/")]
+
+    @classmethod
+    def pending(cls, folder: str) -> bool:
+        return bool(cls._keys(folder))
+
+    @classmethod
+    def take(cls, folder: str) -> str | None:
+        """The failure noted for a save into `folder` (a checkpoints folder), or None; forgets it."""
+        found = [cls.failures.pop(k) for k in cls._keys(folder)]
+        return found[0] if found else None
 
 
 def _val_loss(metrics: Mapping[str, float | None]) -> float:
@@ -168,6 +212,8 @@ class Checkpointer:
                 "or choose a new out_dir") from e
         self._read_only = read_only
         self._path = path
+        self._key = str(path).rstrip("/")  # how orbax names the folder in its messages
+        _BackgroundSaveFailures.install()
         self._pending_step: int | None = None  # the step whose save may still be running
         self._closed = False
         self._best_val_loss = self._best_val_loss_on_disk()
@@ -236,6 +282,9 @@ class Checkpointer:
         Raises:
             CheckpointError: a pending save failed; the checkpoints saved before it are intact.
         """
+        failed = _BackgroundSaveFailures.take(self._key)
+        if failed is not None:  # do not wait: with several processes that save would never finish
+            raise self._save_failed(failed)
         try:
             self._manager.wait_until_finished()
         except Exception as e:
@@ -251,8 +300,9 @@ class Checkpointer:
         Raises:
             CheckpointError: as `wait`.
         """
-        if self._pending_step is not None and not self._manager.is_saving_in_progress():
-            self.wait()  # finished: returns at once, raising the save's error if it failed
+        if self._pending_step is not None and (_BackgroundSaveFailures.pending(self._key)
+                                               or not self._manager.is_saving_in_progress()):
+            self.wait()  # finished or failed: returns at once, raising the save's error if it failed
 
     def close(self) -> None:
         """Wait for pending saves (see `wait`) and release orbax's threads. Safe to call twice.
@@ -262,9 +312,15 @@ class Checkpointer:
         self._closed = True
         try:
             self.wait()
-        finally:
-            self._manager.close()
-            self._remove_if_empty()
+        except CheckpointError:
+            # orbax's close() re-raises the background save's own error: ours, which names the fix, stays
+            try:
+                self._manager.close()
+            except Exception as e:  # noqa: BLE001
+                logging.debug("orbax's close after a failed save: %s", e)
+            raise
+        self._manager.close()
+        self._remove_if_empty()
 
     def _remove_if_empty(self) -> None:
         """A run that failed before its first save leaves no empty checkpoints/ folder behind."""
@@ -292,6 +348,7 @@ class Checkpointer:
         """The error for a failed save; re-reads the folder, since orbax's list may have dropped steps."""
         step = self._pending_step
         self._pending_step = None
+        _BackgroundSaveFailures.take(self._key)  # reported now, by whichever way it came: not twice
         try:
             self._manager.reload()
             self._best_val_loss = self._best_val_loss_on_disk()
@@ -299,8 +356,19 @@ class Checkpointer:
             pass
         what = f"saving checkpoint step {step}" if step is not None else "saving a checkpoint"
         why = e if isinstance(e, str) else _first_line(e)
-        return CheckpointError(f"{what} to {self.directory} failed ({why}); check the disk (space, permissions); "
-                               "earlier checkpoints are intact")
+        try:
+            kept = [s for s in self._manager.all_steps() if s != step]
+        except Exception:  # noqa: BLE001
+            kept = None
+        if "://" in self.directory:
+            check = ("check the bucket and this machine's credentials (the service account needs "
+                     "roles/storage.objectAdmin on it)")
+        else:
+            check = "check the disk (space, permissions)"
+        intact = ("no checkpoint was committed before it" if kept == [] else
+                  f"the committed checkpoints ({', '.join(map(str, sorted(kept)))}) are intact" if kept else
+                  "earlier checkpoints are intact")
+        return CheckpointError(f"{what} to {self.directory} failed ({why}); {check}; {intact}")
 
     # ---- finding steps --------------------------------------------------------------------------
 

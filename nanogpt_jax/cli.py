@@ -111,9 +111,9 @@ def _fail_without_waiting(message: str, grace_seconds: float = 5.0) -> None:
 
     Python waits for every non-daemon thread before it exits. After a checkpoint save that failed
     in the background, orbax leaves threads waiting for a signal that never comes, so the process
-    would print its error and then never end. Threads get `grace_seconds` to finish; if some are
-    still alive, or the grace is 0 (an interrupt), the process exits at once after the error line
-    and a flush of the logs.
+    would print its error and then never end. Threads get `grace_seconds` to finish (0: an
+    interrupt); then the process exits after the error line and a flush of the logs, without
+    running exit handlers (tensorboardX's would print tracebacks after a full disk).
     """
     deadline = time.monotonic() + grace_seconds
     for thread in threading.enumerate():
@@ -122,15 +122,16 @@ def _fail_without_waiting(message: str, grace_seconds: float = 5.0) -> None:
                 threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))
             except Exception:  # noqa: BLE001 - a thread that cannot be joined is left behind below
                 pass
-    if grace_seconds == 0 or any(t.is_alive() and not t.daemon for t in threading.enumerate()
-                                 if t is not threading.main_thread()):
+    # then end without exit handlers either: after a full disk, tensorboardX's would add tracebacks after the line
+    try:
+        fail(message)
+    except SystemExit:
         try:
-            fail(message)
-        except SystemExit:
             logging.flush()
             sys.stdout.flush()
-            os._exit(1)
-    fail(message)
+        except Exception:  # noqa: BLE001 - a full disk must not turn the exit into a traceback
+            pass
+        os._exit(1)
 
 
 # For entry points without advice of their own (run_train.py's names the run's exact values)
@@ -149,10 +150,13 @@ def main(fn: Callable[[ConfigDict], object]) -> None:
         logging.get_absl_handler().addFilter(_quiet_libraries)
         try:
             config = load_config()
+            distributed.exit_on_background_write_failure()  # e.g. tensorboardX's writer on a full disk
             distributed.initialize(config)  # multi-host runs and the compile cache, before any device is used
             with out_of_memory_is_a_user_error(_MEMORY_ADVICE):
                 fn(config)
         except UserError as e:
+            if distributed.is_multiprocess():  # the others may be waiting for this one: end them too, same line
+                distributed.fail_everywhere(str(e))
             _fail_without_waiting(str(e))
         except KeyboardInterrupt:  # no grace: XLA may still be computing, and tearing the interpreter down
             _fail_without_waiting("interrupted", grace_seconds=0.0)  # under it can crash (seen in run_bench.py)

@@ -280,10 +280,16 @@ def train(config: ConfigDict) -> dict:
         return _nothing_to_train(done)
     with out_of_memory_is_a_user_error(_memory_advice(config)):
         run = _Run(config, resume_step)
+        distributed.report_status_with(run.status)  # what a lost process's line says about the run
         try:
             run.loop()
+        except UserError as e:
+            if jax.process_count() > 1:  # before close(): its wait could block on a process that will not come
+                distributed.fail_everywhere(str(e))
+            raise
         finally:
             run.close()  # waits for pending saves; raises if one failed
+            distributed.report_status_with(None)
     return run.write_summary()
 
 
@@ -488,6 +494,19 @@ class _Run:
                              signal.Signals(stop.signal).name)
             elif self.logger is None:  # no step to run (max_iters = the start step): the evaluation is the run
                 self.open_outputs()
+
+    def status(self) -> str:
+        """Where the run is, for a line about a lost process: the step and the last committed checkpoint."""
+        ckpt_dir = checkpoint_dir(storage.path(self.config.out_dir))
+        # read from the folder: this process's own list may hold a save that never finished. Locally a step
+        # folder gets its name when it is committed; on a bucket orbax must look for its commit marker.
+        if storage.is_url(self.config.out_dir):
+            steps = _saved_steps(ckpt_dir)
+        else:
+            steps = sorted(int(p.name) for p in Path(ckpt_dir).iterdir() if p.name.isdigit())
+        last = f"step {steps[-1]}" if steps else "none yet"
+        return (f"process {jax.process_index()} reached step {self.step}; the last committed checkpoint: {last} "
+                f"in {ckpt_dir}")
 
     def write_summary(self) -> dict:
         """out_dir/summary.json: the run's figures in one place (process 0 writes it)."""

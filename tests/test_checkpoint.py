@@ -529,7 +529,7 @@ def test_failed_background_save_is_an_error(tmp_path, state3, monkeypatch):
     ckpt.save(2, state3, record={}, val_loss=2.0)  # returns: the failure happens in the background
     with pytest.raises(CheckpointError, match=r"^saving checkpoint step 2 to .* failed \(OSError: .*No space") as e:
         ckpt.wait()
-    assert one_line(e).endswith("earlier checkpoints are intact")
+    assert one_line(e).endswith("check the disk (space, permissions); the committed checkpoints (1) are intact")
     assert ckpt.latest_step() == 1 and ckpt.best_step() == 1
     monkeypatch.undo()
     ckpt.save(2, state3, record={}, val_loss=2.0)  # the run can go on
