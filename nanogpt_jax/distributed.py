@@ -167,13 +167,11 @@ def initialize(config: ConfigDict) -> bool:
     # CPU arrays cross processes through gloo (the default, none, cannot); GPUs and TPUs use their own links
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     logging.info("jax.distributed.initialize (%s): %s", how, given or "detected")
-    timeout_s = int(config.dist.heartbeat_timeout_s)
+    timeout_s, init_s = int(config.dist.heartbeat_timeout_s), int(config.dist.initialization_timeout_s)
     # JAX's own detection aborts with a dump of every thread: ours (`_Heartbeats`) must come first
-    timeouts = {"heartbeat_timeout_seconds": max(100, 3 * timeout_s),
-                "initialization_timeout": int(config.dist.initialization_timeout_s)}
+    timeouts = {"heartbeat_timeout_seconds": max(100, 3 * timeout_s), "initialization_timeout": init_s}
     _StderrFilter.install()  # before JAX's C++ client exists: its fatal reports must not reach the console
     # jaxlib aborts the process when the processes do not all join in time: say who, in one line
-    init_s = int(config.dist.initialization_timeout_s)
     _on_abort(lambda: _exit_now(_join_failure(params, init_s)))
     try:
         jax.distributed.initialize(**given, **timeouts)
@@ -198,7 +196,7 @@ def _why_jax_stopped() -> str:
     ids = re.search(r"stopped sending heartbeats\):?\s*([\d\s,]+)", said)
     lost = sorted({int(i) for i in re.findall(r"\d+", ids.group(1))} if ids else
                   {int(i) for i in re.findall(r"/task:(\d+)", said)} - {me})
-    if lost and 0 not in lost or (lost and me == 0):
+    if lost and (me == 0 or 0 not in lost):
         who = f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))}"
         return f"{who} stopped (found by JAX's coordination service)"
     if re.search(r"Failed to send RPC to coordination service|Socket closed|Connection reset|failed to connect",
@@ -264,9 +262,7 @@ def _exit_now(message: str) -> NoReturn:
     """Print `error: message` (one line) and end the process at once: its main thread may be waiting in a
     collective that a lost process will never join, and JAX's exit handler would wait for that process too.
     Exit handlers (tensorboardX's flush, orbax's threads) do not run: nothing is printed after the line."""
-    with _exit_lock:  # the first thread to decide wins: a second reason (process 0 gone, after the failure
-        global _final_message  # that made it exit) must not replace the first one's line
-        _final_message = _final_message or message
+    _decide(message)
     try:
         logging.flush()
         sys.stdout.flush()
@@ -389,9 +385,9 @@ def fail_everywhere(message: str) -> NoReturn:
     seen it, since process 0's exit takes the store with it. A later failure on another process yields
     to the first one's line. In a single-process run it is `_exit_now(message)`.
     """
-    client = _client() if jax.process_count() > 1 else None
-    if client is None:
+    if not is_multiprocess():
         _exit_now(message)
+    client = _client()
     global _failing_here
     _failing_here = True  # this process's watcher must not act on the line it is about to write
     line = f"process {jax.process_index()}: {' '.join(message.split())}"
@@ -407,6 +403,8 @@ def fail_everywhere(message: str) -> NoReturn:
 
 
 def _decide(message: str) -> None:
+    """Fix the line this process exits with: the first thread to decide wins, so a second reason (process
+    0 gone, after the failure that made it exit) does not replace the first one's line."""
     global _final_message
     with _exit_lock:
         _final_message = _final_message or message
