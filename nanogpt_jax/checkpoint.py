@@ -215,6 +215,7 @@ class Checkpointer:
         self._key = str(path).rstrip("/")  # how orbax names the folder in its messages
         _BackgroundSaveFailures.install()
         self._pending_step: int | None = None  # the step whose save may still be running
+        self._failure_raised = False  # a failed save was reported: orbax may still echo it later
         self._closed = False
         self._best_val_loss = self._best_val_loss_on_disk()
 
@@ -283,6 +284,12 @@ class Checkpointer:
             CheckpointError: a pending save failed; the checkpoints saved before it are intact.
         """
         failed = _BackgroundSaveFailures.take(self._key)
+        if self._pending_step is None and self._failure_raised:
+            # nothing in flight since the failure we raised: orbax's late report of it (its background
+            # thread logs after the caller saw the error) is not a second failure, and must not replace it
+            if failed is not None:
+                logging.debug("orbax's late report of the failed save already raised: %s", failed)
+            return
         if failed is not None:  # do not wait: with several processes that save would never finish
             raise self._save_failed(failed)
         try:
@@ -313,14 +320,20 @@ class Checkpointer:
         try:
             self.wait()
         except CheckpointError:
-            # orbax's close() re-raises the background save's own error: ours, which names the fix, stays
-            try:
-                self._manager.close()
-            except Exception as e:  # noqa: BLE001
-                logging.debug("orbax's close after a failed save: %s", e)
+            self._close_manager_after_failure()
             raise
-        self._manager.close()
+        if self._failure_raised:
+            self._close_manager_after_failure()
+        else:
+            self._manager.close()
         self._remove_if_empty()
+
+    def _close_manager_after_failure(self) -> None:
+        # orbax's close() re-raises the background save's own error: ours, which names the fix, stays
+        try:
+            self._manager.close()
+        except Exception as e:  # noqa: BLE001
+            logging.debug("orbax's close after a failed save: %s", e)
 
     def _remove_if_empty(self) -> None:
         """A run that failed before its first save leaves no empty checkpoints/ folder behind."""
@@ -348,6 +361,7 @@ class Checkpointer:
         """The error for a failed save; re-reads the folder, since orbax's list may have dropped steps."""
         step = self._pending_step
         self._pending_step = None
+        self._failure_raised = True
         _BackgroundSaveFailures.take(self._key)  # reported now, by whichever way it came: not twice
         try:
             self._manager.reload()

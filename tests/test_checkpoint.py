@@ -565,6 +565,28 @@ def test_directory_removed_under_a_running_save(tmp_path, state3):
     ckpt.close()  # the failure was reported once; closing does not raise it again
 
 
+def test_a_late_report_of_a_failure_already_raised_is_not_a_second_failure(tmp_path, state3):
+    """orbax's background thread may log a failed save after the caller has seen the error (the step folder's
+    creation failed in both): the trainer's close() in its `finally` must not replace the error with a
+    vaguer one, as it did once in CI ("saving a checkpoint ... failed" for step 20)."""
+    from nanogpt_jax import checkpoint
+
+    d = tmp_path / "ckpt"
+    ckpt = Checkpointer(d)
+    shutil.rmtree(d)
+    d.write_text("someone put a file here")
+    with pytest.raises(CheckpointError, match=r"^saving checkpoint step 5 to "):
+        ckpt.save(5, state3, record={})
+        ckpt.wait()
+    echo = f"{ckpt._key}/5.orbax-checkpoint-tmp"
+    checkpoint._BackgroundSaveFailures.failures[echo] = "PermissionError: [Errno 1] Operation not permitted"
+    ckpt.wait()
+    assert echo not in checkpoint._BackgroundSaveFailures.failures
+    checkpoint._BackgroundSaveFailures.failures[echo] = "PermissionError: [Errno 1] Operation not permitted"
+    ckpt.close()
+    assert not checkpoint._BackgroundSaveFailures.pending(ckpt._key)
+
+
 def test_bad_arguments(tmp_path, state3):
     with pytest.raises(CheckpointError, match="keep at least 1"):
         Checkpointer(tmp_path / "ckpt", keep=0)

@@ -137,7 +137,8 @@ def test_a_lost_process_ends_the_other_in_one_line_and_the_run_resumes(token_dat
         else:  # ... and in 2
             procs = _launch(token_data, folder, **resume)
             outputs, _ = _finish(procs, timeout=240)
-            assert [p.returncode for p in procs] == [0, 0], outputs
+            assert [p.returncode for p in procs] == [0, 0], "\n".join(
+                f"--- process {i} (exit {p.returncode}):\n{o[-3000:]}" for i, (p, o) in enumerate(zip(procs, outputs)))
     assert not list(checkpoint_dir(out).glob("*.orbax-checkpoint-tmp*"))  # an unfinished save is cleared away
     for a, b in zip(jax.tree.leaves(_final_params(out, end)), jax.tree.leaves(_final_params(clean, end)),
                     strict=True):
