@@ -39,6 +39,8 @@ same line within a second or two. A process that never joins makes the others ex
 
 from __future__ import annotations
 
+import atexit
+import faulthandler
 import os
 import re
 import sys
@@ -302,6 +304,8 @@ class _StderrFilter:
         if cls.active is None:
             cls.active = cls()
             threading.Thread(target=cls.active._pump, name="nanogpt_jax-stderr", daemon=True).start()
+            # a crash (SIGSEGV) kills the pump with the process: Python's report of it goes to the console itself
+            faulthandler.enable(file=cls.active.console, all_threads=True)
 
     def last_line(self, line: bytes) -> bool:
         """Write `line` after everything already written to stderr; True once it is on the console."""
@@ -449,21 +453,33 @@ class _Heartbeats:
         now = time.monotonic()
         self.last_answer = now  # when the service last answered
         self.counters: dict[int, tuple[str, float]] = {i: ("", now) for i in range(self.n) if i != self.me}
+        self.stopped = threading.Event()
+        self.poller: threading.Thread | None = None
 
     def start(self) -> None:
-        for target, name in ((self._poll, "poll"), (self._judge, "judge")):
-            threading.Thread(target=target, name=f"nanogpt_jax-heartbeat-{name}", daemon=True).start()
+        self.poller = threading.Thread(target=self._poll, name="nanogpt_jax-heartbeat-poll", daemon=True)
+        self.poller.start()
+        threading.Thread(target=self._judge, name="nanogpt_jax-heartbeat-judge", daemon=True).start()
+        # atexit runs its handlers last-registered first: this one before JAX's, which shuts the client down.
+        # A request in flight on a client being shut down crashes the process (SIGSEGV at the end of a good run).
+        atexit.register(self.stop)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """End both threads; returns once no request of ours is in flight (or after `timeout_s`)."""
+        self.stopped.set()
+        if self.poller is not None and self.poller is not threading.current_thread():
+            self.poller.join(timeout_s)
 
     def _poll(self) -> None:
         beat = 0
-        while True:
+        while not self.stopped.is_set():
             beat += 1
             try:
                 self.client.key_value_set(f"{_ALIVE_PREFIX}{self.me}", str(beat), allow_overwrite=True)
                 alive = self.client.key_value_dir_get(_ALIVE_PREFIX)
                 failure = _try_get(self.client, FAILURE_KEY)
             except Exception:  # noqa: BLE001 - the service did not answer: the judge counts the silence
-                time.sleep(self.poll_s)
+                self.stopped.wait(self.poll_s)
                 continue
             now = self.last_answer = time.monotonic()
             for key, value in alive:
@@ -474,11 +490,10 @@ class _Heartbeats:
                 _decide(failure)
                 _acknowledge_and_wait(self.client, seconds=2.0)
                 _exit_now(failure)
-            time.sleep(self.poll_s)
+            self.stopped.wait(self.poll_s)
 
     def _judge(self) -> None:
-        while True:
-            time.sleep(self.poll_s / 2)
+        while not self.stopped.wait(self.poll_s / 2):
             now = time.monotonic()
             if now - self.last_answer > self.timeout_s:
                 _lost(f"process 0, which coordinates the run, has not answered for {self.timeout_s:.0f} s "
