@@ -31,7 +31,10 @@ generate_until is tested on one host only (the sampler takes its prompt as a loc
 lm-eval 0.4 finds models only in its own registry, filled when a module that registers one is
 imported (it reads no entry points), so the shell command is this module: it registers
 `nanogpt_jax`, then runs lm-eval's own command line with the arguments given (`lm-eval run`, `ls`,
-`validate`; any of its flags). A Python program can `import nanogpt_jax.harness` and call
+`validate`; any of its flags). lm-eval's own models (`--model hf`, `dummy`, ...) work through it as
+through `lm-eval`. For `--model nanogpt_jax` it adds `pretrained=<out_dir or init_from>` to
+--model_args, the key lm-eval names its results folder and report after; an unknown --tasks name is one
+line with close matches. A Python program can `import nanogpt_jax.harness` and call
 `lm_eval.simple_evaluate(model="nanogpt_jax", model_args="out_dir=...")` itself.
 
 model_args: out_dir (a training run; init_from=resume) or init_from (a GPT-2 name or Hugging Face
@@ -103,16 +106,17 @@ def task_manager(include_path: str | None = None, include_defaults: bool = True)
     return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
-def check_tasks(names: Sequence[str], manager: Any) -> None:
-    """Raises ConfigError naming the first task (or group, tag) the harness does not know."""
+def check_tasks(names: Sequence[str], manager: Any,
+                include: str = "--config.eval.lm_eval_include_path=DIR of YAMLs") -> None:
+    """Raises ConfigError naming the first task (or group, tag) the harness does not know, with close
+    matches; `include` is how this command adds task YAMLs."""
     known = set(manager.all_tasks)
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=3)
             raise ConfigError(f"unknown lm_eval task {name!r}" + (f" (did you mean {', '.join(close)}?)" if close
                               else "") + f"; lm-eval {lm_eval.__version__} lists its {len(known)} tasks with "
-                              "`python -m nanogpt_jax.harness ls tasks`; a task of your own: "
-                              "--config.eval.lm_eval_include_path=DIR of YAMLs")
+                              "`python -m nanogpt_jax.harness ls tasks`; a task of your own: " + include)
 
 
 class NanoGPTLM(TemplateLM):
@@ -153,6 +157,7 @@ class NanoGPTLM(TemplateLM):
         are the harness's own and ignored: the mesh decides. Raises UserError for bad values."""
         from nanogpt_jax import sample
 
+        harness_args.pop("pretrained", None)  # the run's name, for lm-eval's reports (see `main`)
         unknown = sorted(set(harness_args) - {"device", "max_batch_size"})
         if unknown:
             raise ConfigError(f"model_args: unknown key {unknown[0]!r}; known: out_dir, init_from, checkpoint, "
@@ -168,7 +173,11 @@ class NanoGPTLM(TemplateLM):
                       "block_size": 1 << 30},
             "data": {"data_dir": str(data_dir)}, "sample": {"checkpoint": checkpoint}})
         mesh = sharding.make_mesh(int(mesh_data), int(mesh_fsdp), int(mesh_tensor))
-        model, params, tok, source = sample.load_model(config, mesh=mesh, checkpoint=checkpoint)
+        try:
+            model, params, tok, source = sample.load_model(config, mesh=mesh, checkpoint=checkpoint)
+        except UserError as e:  # said in run_sample.py's terms: this command's are model_args
+            raise type(e)(str(e).replace("--config.out_dir", "out_dir= in --model_args")
+                          .replace("--config.data.data_dir", "data_dir= in --model_args")) from None
         if batch_size in (None, "auto") or str(batch_size).startswith("auto"):
             batch_size = 8 * sharding.batch_divisor(mesh)
         return cls(model, params, tok, mesh, batch_size=int(batch_size), stride=None if stride is None else int(stride),
@@ -315,6 +324,10 @@ class NanoGPTLM(TemplateLM):
 
 
 if lm_eval is not None:
+    # lm-eval fills its registry with its own models (lazily: names only) only while the registry is empty
+    # (`lm_eval.api.registry.get_model`): they go in first, or `--model hf` / `dummy` would be unknown
+    import lm_eval.models  # noqa: F401
+
     register_model(MODEL_NAME)(NanoGPTLM)
 
 
@@ -329,10 +342,7 @@ def evaluate_tasks(lm: NanoGPTLM, names: Sequence[str], manager: Any, *, num_few
         results = lm_eval.simple_evaluate(model=lm, tasks=list(names), num_fewshot=num_fewshot, limit=limit,
                                           task_manager=manager, log_samples=False)
     except (ConnectionError, FileNotFoundError) as e:  # datasets' offline and not-found errors subclass these
-        why = " ".join(str(e).split())[:200]
-        raise UserError(f"lm_eval tasks {', '.join(names)}: a dataset could not be loaded ({why}); offline, fill "
-                        "the Hugging Face cache (HF_HOME) on a machine with a network, or define the task by a local "
-                        "YAML over local files (eval.lm_eval_include_path)") from None
+        raise _dataset_error(names, e, "eval.lm_eval_include_path") from None
     out = {}
     for task, metrics in results["results"].items():
         entry: dict[str, Any] = {}
@@ -349,6 +359,13 @@ def evaluate_tasks(lm: NanoGPTLM, names: Sequence[str], manager: Any, *, num_few
     return out
 
 
+def _dataset_error(names: Sequence[str], e: BaseException, include: str) -> UserError:
+    why = " ".join(str(e).split())[:200]
+    return UserError(f"lm_eval tasks {', '.join(names)}: a dataset could not be loaded ({why}); offline, fill "
+                     "the Hugging Face cache (HF_HOME) on a machine with a network, or define the task by a local "
+                     f"YAML over local files ({include})")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m nanogpt_jax.harness ARGS`: lm-eval's command line with the `nanogpt_jax` model
     registered; a UserError (bad model_args, a checkpoint without a tokenizer) is one line, exit 1."""
@@ -359,14 +376,59 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail(MISSING_EXTRA)
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    args = _name_the_run(list(sys.argv[1:] if argv is None else argv))
+    sys.argv = [sys.argv[0], *args]
     os.environ.setdefault("DISABLE_MULTIPROC", "1")  # no forked bootstrap pool in a process running jax
     logging.use_absl_handler()  # our libraries' lines as run_eval.py shows them (orbax's quiet)
     logging.get_absl_handler().addFilter(cli._quiet_libraries)
     try:
+        _check_task_names(args)
         cli_evaluate()
     except UserError as e:
         fail(str(e))
+    except (ConnectionError, FileNotFoundError) as e:  # datasets' offline and not-found errors subclass these
+        fail(str(_dataset_error([_flag(args, "tasks")[1] or "?"], e, "--include_path DIR")))
+
+
+def _flag(args: Sequence[str], name: str) -> tuple[int, str | None]:
+    """Where `--name VALUE` or `--name=VALUE` is in `args` (the index of the value; -1 if absent), and VALUE."""
+    for i, arg in enumerate(args):
+        if arg == f"--{name}" and i + 1 < len(args):
+            return i + 1, args[i + 1]
+        if arg.startswith(f"--{name}="):
+            return i, arg.split("=", 1)[1]
+    return -1, None
+
+
+# the model_args keys lm-eval reads a run's name from, in its order (its GeneralConfigTracker._get_model_name)
+_NAME_KEYS = ("peft", "delta", "pretrained", "model", "path", "engine")
+
+
+def _name_the_run(args: list[str]) -> list[str]:
+    """For `--model nanogpt_jax`: add `pretrained=<out_dir or init_from>` to --model_args, the key lm-eval names
+    its results folder and report after (without one it makes up a random name such as wxrd1574)."""
+    _, model = _flag(args, "model")
+    i, model_args = _flag(args, "model_args")
+    if model != MODEL_NAME or model_args is None:
+        return args
+    pairs = dict(kv.split("=", 1) for kv in model_args.split(",") if "=" in kv)
+    name = pairs.get("out_dir") or pairs.get("init_from")
+    if name is None or any(key in pairs for key in _NAME_KEYS):
+        return args
+    named = f"{model_args},pretrained={name.rstrip('/')}"
+    return [*args[:i], named if args[i] == model_args else f"--model_args={named}", *args[i + 1:]]
+
+
+def _check_task_names(args: Sequence[str]) -> None:
+    """An unknown --tasks name is one line with close matches, as in run_eval.py (lm-eval's own error is a
+    traceback). Names that are files or folders (task YAMLs) are lm-eval's to read."""
+    _, tasks = _flag(args, "tasks")
+    if not tasks or tasks in ("list", "list_groups", "list_tags", "list_subtasks"):
+        return
+    _, include_path = _flag(args, "include_path")
+    names = [t.strip() for t in tasks.split(",") if t.strip() and not os.path.exists(t.strip())]
+    if names:
+        check_tasks(names, task_manager(include_path), include="--include_path DIR of YAMLs")
 
 
 if __name__ == "__main__":

@@ -219,6 +219,8 @@ def test_bad_input_is_one_line(char_run, task_dir, manager, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"empty holds no prepared data \(train.bin, val.bin, meta.json\)"):
         harness.NanoGPTLM.load(out_dir=str(run), data_dir=str(tmp_path / "empty"))
+    with pytest.raises(UserError, match=r"no latest checkpoint in .*/none/checkpoints; .* out_dir= in --model_args"):
+        harness.NanoGPTLM.load(out_dir=str(tmp_path / "none"))  # in this command's terms, not run_sample.py's
     with pytest.raises(UserError, match="give out_dir=DIR .* or init_from"):
         harness.NanoGPTLM.load()
     with pytest.raises(UserError, match="model_args: unknown key 'checkpoints'"):
@@ -249,7 +251,25 @@ def test_the_shell_command_runs_a_checkpoint_through_lm_evals_own_command_line(t
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     (results,) = tmp_path.glob("*/results_*.json")
-    theirs = json.loads(results.read_text())["results"]["hellaswag_local"]
+    report = json.loads(results.read_text())
+    assert report["model_name"] == str(run) and results.parent.name == str(run).replace("/", "__")  # the run's name
+    theirs = report["results"]["hellaswag_local"]
     ours = hellaswag_ours(trained_lm, task_dir[1][:3])
     assert (theirs["acc,none"], theirs["acc_norm,none"]) == (ours["acc"], ours["acc_norm_char"])
     assert "|hellaswag_local|" in r.stdout.replace(" ", "")
+
+
+@pytest.mark.slow
+def test_the_shell_command_keeps_lm_evals_own_models_and_says_an_unknown_task_in_one_line(task_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    common = [sys.executable, "-m", "nanogpt_jax.harness", "--model", "dummy", "--include_path", str(task_dir[0]),
+              "--limit", "2", "--output_path", str(tmp_path)]
+    r = subprocess.run([*common, "--tasks", "hellaswag_local"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "|hellaswag_local|" in r.stdout.replace(" ", ""), r.stderr[-3000:]
+    r = subprocess.run([*common, "--tasks", "hellaswag_locall"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        "error: unknown lm_eval task 'hellaswag_locall' (did you mean hellaswag_local"), r.stderr[-3000:]
+    assert "--include_path DIR" in r.stderr
