@@ -52,6 +52,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.train.keep_checkpoints = 2  # latest checkpoints kept (the best one is kept as well)
     c.train.max_skipped = 10  # consecutive non-finite steps tolerated before the run stops
     c.train.eval_tasks = ()  # run_eval tasks to run at every evaluation, e.g. ("hellaswag",)
+    c.train.check_memory = True  # refuse, before compiling, a shape the memory estimator says cannot fit
     c.train.eval_only = False  # evaluate the initial (or resumed) model on the fixed batches, print, write nothing
 
     c.optim = config_dict.ConfigDict()

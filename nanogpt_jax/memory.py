@@ -67,7 +67,7 @@ from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
 from nanogpt_jax import data, sharding
-from nanogpt_jax.errors import ConfigError, UserError
+from nanogpt_jax.errors import ConfigError, OutOfMemoryError, UserError
 from nanogpt_jax.model import GPT, GPT2_SIZES, GPT2_VOCAB_SIZE, GPTConfig, attention_impl, loss_chunk_len
 
 GiB = 1024**3
@@ -272,6 +272,69 @@ def report(config: ConfigDict, devices: int | None = None, hbm_gib: float | None
                         "estimated); shard more (mesh.fsdp), lower train.batch_size (raise "
                         "gradient_accumulation_steps) or set model.remat=full")
     return est
+
+
+# A shape is refused only when its estimate exceeds the memory there is by this factor: the estimate is
+# within -11%..+19% of XLA's compiled figure (module docstring), so a shape that fits is never refused.
+MARGIN = 1.25
+
+
+def available_bytes(device: jax.Device, local_devices: int) -> tuple[int, str]:
+    """The memory one device's training step can use, in bytes, and what that figure is.
+
+    An accelerator: its allocator's limit (`memory_stats()["bytes_limit"]`). CPU devices share the host's
+    memory: what the host has available (psutil's `available`; a cgroup v2 limit when lower, as in a
+    container or a SLURM job) divided by the `local_devices` of this process.
+    """
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"per {device.platform.upper()} device"
+    import psutil
+
+    have, what = psutil.virtual_memory().available, "available on this host"
+    try:  # a container's or job's own limit (cgroup v2), which the host's figure does not show
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            if left < have:
+                have, what = left, "left under this cgroup's memory.max"
+    except (OSError, ValueError):
+        pass
+    share = f", shared by {local_devices} CPU devices" if local_devices > 1 else ""
+    return max(have // max(local_devices, 1), 0), what + share
+
+
+def check_fits(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Refuse, before anything is allocated or compiled, a training step the estimator says cannot fit
+    (estimate > MARGIN x the memory there is, see `available_bytes`). On a CPU host the kernel would
+    otherwise page for minutes and then kill the process (or a neighbour) without a word; an accelerator
+    would fail only after its compile. train.check_memory=False skips the check.
+
+    Raises:
+        OutOfMemoryError: the step does not fit; the message gives both figures and the keys to change.
+    """
+    if not config.train.get("check_memory", True):
+        return
+    dtype = config_lib.resolve_dtype(config.model.dtype)
+    gcfg, _ = model_config(config, dtype)
+    platform = mesh.devices.flat[0].platform
+    est = estimate(gcfg, batch_size=config.train.batch_size, grad_accum=config.train.gradient_accumulation_steps,
+                   mesh_shape=dict(mesh.shape), platform=platform)
+    have, what = available_bytes(jax.local_devices()[0], jax.local_device_count())
+    if est.total > MARGIN * have:
+        raise OutOfMemoryError(
+            f"out of device memory (checked before the first step: the memory estimator gives the train step "
+            f"{est.total / GiB:,.1f} GiB per device; {have / GiB:,.1f} GiB is {what}); {advice(config)}; to try "
+            "it anyway: --config.train.check_memory=False")
+
+
+def advice(config: ConfigDict) -> str:
+    """What to change when a training step does not fit: the keys that set memory, and the estimator."""
+    t, m = config.train, config.model
+    return (f"lower train.batch_size={t.batch_size} (raise train.gradient_accumulation_steps="
+            f"{t.gradient_accumulation_steps} to keep the tokens per step), model.block_size={m.block_size}, set "
+            f"model.remat=full, or shard with mesh.fsdp={config.mesh.fsdp}; estimate first: python -m "
+            "nanogpt_jax.memory --config <this config> (README, Scaling)")
 
 
 def main(config: ConfigDict) -> MemoryEstimate:

@@ -27,11 +27,12 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import data, distributed, evaluate, loggers, metrics, sharding, storage
+from nanogpt_jax import data, distributed, evaluate, loggers, memory, metrics, sharding, storage
 from nanogpt_jax.checkpoint import Checkpointer
 from nanogpt_jax.errors import CheckpointError, UserError, out_of_memory_is_a_user_error
 from nanogpt_jax.model import GPT, GPTConfig, implementations
 from nanogpt_jax.optim import OptimConfig, make_optimizer
+from nanogpt_jax.runlock import RunLock
 from nanogpt_jax.step import TrainState, abstract_state, init_state, make_eval_step, make_train_step, param_shardings
 
 
@@ -278,19 +279,23 @@ def train(config: ConfigDict) -> dict:
         resume_step = check_run_folder(config)
     except NothingToTrain as done:
         return _nothing_to_train(done)
-    with out_of_memory_is_a_user_error(_memory_advice(config)):
+    with out_of_memory_is_a_user_error(memory.advice(config)):
         run = _Run(config, resume_step)
-        distributed.report_status_with(run.status)  # what a lost process's line says about the run
-        try:
-            run.loop()
-        except UserError as e:
-            if jax.process_count() > 1:  # before close(): its wait could block on a process that will not come
-                distributed.fail_everywhere(str(e))
-            raise
-        finally:
-            run.close()  # waits for pending saves; raises if one failed
-            distributed.report_status_with(None)
-    return run.write_summary()
+    try:
+        with out_of_memory_is_a_user_error(memory.advice(config)):
+            distributed.report_status_with(run.status)  # what a lost process's line says about the run
+            try:
+                run.loop()
+            except UserError as e:
+                if jax.process_count() > 1:  # before close(): its wait could block on a process that will not come
+                    distributed.fail_everywhere(str(e))
+                raise
+            finally:
+                run.close()  # waits for pending saves; raises if one failed
+                distributed.report_status_with(None)
+        return run.write_summary()
+    finally:
+        run.release_folder()  # after the summary: until then the run is still writing
 
 
 def _nothing_to_train(done: NothingToTrain) -> dict:
@@ -301,15 +306,6 @@ def _nothing_to_train(done: NothingToTrain) -> dict:
         return json.loads(summary_path.read_text())
     except (OSError, ValueError):
         return {"iterations": done.step}
-
-
-def _memory_advice(config: ConfigDict) -> str:
-    """What to change when a training step does not fit: the keys that set memory, and the estimator."""
-    t, m = config.train, config.model
-    return (f"lower train.batch_size={t.batch_size} (raise train.gradient_accumulation_steps="
-            f"{t.gradient_accumulation_steps} to keep the tokens per step), model.block_size={m.block_size}, set "
-            f"model.remat=full, or shard with mesh.fsdp={config.mesh.fsdp}; estimate first: python -m "
-            "nanogpt_jax.memory --config <this config> (README, Scaling)")
 
 
 class _Run:
@@ -326,6 +322,7 @@ class _Run:
         self.mesh = mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
         B, A = c.train.batch_size, c.train.gradient_accumulation_steps
         sharding.check_batch_size(B, sharding.batch_divisor(mesh))
+        memory.check_fits(c, mesh)  # a shape too big is one line now, not a kernel OOM kill minutes later
         meta = data.load_meta(c.data.data_dir)  # a gs:// folder's meta.json is read in the bucket
         data.check_init_vocabulary(c.init_from, c.data.data_dir, meta)
         check_out_dir_writable(c.out_dir)
@@ -363,6 +360,7 @@ class _Run:
         self.flops_per_token = gcfg.flops_per_token(T)
         self.peak = metrics.peak_flops(jax.devices()[0], gcfg.dtype, c.bench.peak_tflops)
         self.logger: loggers.MetricLogger | None = None  # opened by open_outputs
+        self.lock: RunLock | None = None  # process 0 holds out_dir from open_outputs on
         self.pending_rows: list[tuple[int, dict]] = []
         self.record = {"config": json.loads(c.to_json()), "model": asdict(gcfg),
                        "data_dir": _absolute(c.data.data_dir), "tokenizer": dataset.meta.get("tokenizer")}
@@ -388,11 +386,32 @@ class _Run:
         c = self.config
         if jax.process_index() == 0:
             prepare_out_dir(self.out_dir)
+            self.lock = RunLock(self.out_dir)
+            self.lock.acquire()  # a second run into this folder stops here, before writing anything
+            self._check_folder_unchanged()
         self.ckpt.close()
         self.ckpt = Checkpointer(checkpoint_dir(self.out_dir), keep=c.train.keep_checkpoints)
         self.logger = loggers.MetricLogger(self.out_dir, tensorboard=c.log.tensorboard, csv=c.log.csv,
                                            wandb_project=c.log.wandb_project, config=c.to_dict(),
                                            resume_step=self.resume_step, total_steps=c.train.max_iters)
+
+    def _check_folder_unchanged(self) -> None:
+        """Under the lock: the folder is still as `check_run_folder` found it at the start (another run may
+        have trained in it, and ended, while this one compiled)."""
+        try:
+            now = check_run_folder(self.config)
+        except NothingToTrain as e:
+            now = e.step
+        if now != self.resume_step:
+            raise UserError(
+                f"another run wrote to out_dir {str(self.out_dir)!r} while this one started (its latest checkpoint "
+                f"is now step {now}, it was {self.resume_step}); start again (--config.init_from=resume continues "
+                "from its latest checkpoint)")
+
+    def release_folder(self) -> None:
+        """Let another run use out_dir (the lock also dies with the process)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def log(self, step: int, row: dict) -> None:
         if self.logger is None:

@@ -144,3 +144,25 @@ def test_cli_prints_the_table():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "48 layers x 1600 wide, bfloat16, remat=full" in done.stdout
     assert "activations" in done.stdout and "% of 16 GiB" in done.stdout
+
+
+def test_the_check_before_the_first_step_refuses_only_past_the_margin(monkeypatch):
+    """`check_fits` (train's first check): the estimate against the memory there is, times MARGIN; the host's
+    available memory on CPU, shared by the process's CPU devices."""
+    from configs import tiny
+    from nanogpt_jax.errors import OutOfMemoryError
+
+    have, what = memory.available_bytes(jax.local_devices()[0], 4)
+    assert 0 < have and what.endswith("shared by 4 CPU devices"), what
+    c = tiny.get_config()
+    c.model.vocab_size = 64
+    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    need = memory.estimate(memory.model_config(c, "float32")[0], batch_size=8, grad_accum=1,
+                           mesh_shape=dict(mesh.shape)).total
+    monkeypatch.setattr(memory, "available_bytes", lambda device, n: (int(need / memory.MARGIN) + 1, "test"))
+    memory.check_fits(c, mesh)  # within the margin: a shape that may fit is never refused
+    monkeypatch.setattr(memory, "available_bytes", lambda device, n: (int(need / memory.MARGIN) - 1, "test"))
+    with pytest.raises(OutOfMemoryError, match=r"^out of device memory \(checked before the first step"):
+        memory.check_fits(c, mesh)
+    c.train.check_memory = False
+    memory.check_fits(c, mesh)  # the override

@@ -134,19 +134,31 @@ def test_kill_and_resume_logs_every_step_once(token_data, finished_run, tmp_path
     assert [e.step for e in acc.Scalars("val/loss")] == [0, 10, 20]  # TensorBoard shows each step once too
 
 
-def test_an_impossible_shape_is_one_line_and_writes_nothing(token_data, tmp_path):
+@pytest.mark.parametrize("check_memory", [True, False])
+def test_an_impossible_shape_is_one_line_and_writes_nothing(token_data, tmp_path, check_memory):
+    """4M sequences per step: hundreds of GB of activations, far past this machine's memory. The memory
+    estimator refuses it before compiling; with train.check_memory=False, XLA's CPU client fails the
+    allocation at the first step (a GPU or TPU at compile time): the same one line, nothing written."""
     out = tmp_path / "too_big"
-    # 4M sequences per step: hundreds of GB of activations, far past this machine's memory (XLA's CPU
-    # client fails the allocation at the first step; a GPU or TPU at compile time)
-    done = run_train_cli(token_data, out, **{"train.batch_size": 2**22, "mesh.data": 1}, env=cli_env(devices=1))
+    started = time.time()
+    done = run_train_cli(token_data, out, **{"train.batch_size": 2**22, "mesh.data": 1,
+                                             "train.check_memory": check_memory}, env=cli_env(devices=1))
+    seconds = time.time() - started
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and done.stderr.strip().splitlines()[-1] == errors[0], done.stderr[-3000:]
     line = errors[0]
-    assert line.startswith("error: out of device memory (") and "RESOURCE_EXHAUSTED" in line, line
+    assert line.startswith("error: out of device memory ("), line
+    if check_memory:
+        assert re.search(r"the memory estimator gives the train step [\d,.]+ GiB per device; [\d,.]+ GiB is "
+                         r"(available on this host|left under this cgroup)", line), line
+        assert "--config.train.check_memory=False" in line and "RESOURCE_EXHAUSTED" not in line, line
+    else:
+        assert "RESOURCE_EXHAUSTED" in line, line
     assert all(key in line for key in ("train.batch_size", "model.block_size", "model.remat", "mesh.fsdp",
                                        "python -m nanogpt_jax.memory")), line
     assert not out.exists()
+    print(f"check_memory={check_memory}: refused after {seconds:.1f} s")
 
 
 def test_a_run_that_fails_before_its_first_save_leaves_no_checkpoints_folder(token_data, tmp_path,
@@ -268,3 +280,27 @@ def test_eval_only_evaluates_and_writes_nothing(token_data, finished_run, tmp_pa
     resumed = train(tiny_run_config(token_data, run, init_from="resume", **{"train.eval_only": True}))
     assert resumed["iterations"] == 20 and resumed["val_loss"] < summary["val_loss"] - 0.5  # the trained model
     assert snapshot(run) == before
+
+
+@pytest.mark.slow
+def test_two_runs_started_into_one_new_folder_one_trains_the_other_is_refused(token_data, tmp_path):
+    """The same command twice at once (a second terminal, a job submitted twice): both pass the start-up checks
+    of an empty folder; the first to run a step holds the folder, the other exits 1 in one line naming it (or,
+    if the first has already finished, saying the folder holds a run), and the logs are one run's."""
+    out = tmp_path / "run"
+    procs = [_launch(token_data, out, 1, **{"train.max_iters": 200, "train.eval_interval": 100})[0]
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 1], "\n---\n".join(o[-3000:] for o in outputs)
+    winner = next(p for p in procs if p.returncode == 0)
+    refused = outputs[[p.returncode for p in procs].index(1)]
+    errors = [line for line in refused.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in refused, refused[-3000:]
+    assert (f"is in use by the run of pid {winner.pid} on host " in errors[0]
+            or "already holds a run" in errors[0]), errors[0]
+    rows = (out / loggers.CSV_NAME).read_text().splitlines()[1:]
+    kinds = [(row.split(",")[0], tuple(bool(v) for v in row.split(",")[1:])) for row in rows]  # step, columns set
+    assert len(kinds) == len(set(kinds)), rows  # one evaluation row and one training row per logged step at most
+    assert not any(re.fullmatch(r"\d+,*", row) for row in rows), rows  # no blank rows such as "0,,,,,,"
+    assert 200 in _restorable_steps(out)

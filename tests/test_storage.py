@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, free_port, tiny_run_config
 
-from nanogpt_jax import loggers, prepare, storage
+from nanogpt_jax import loggers, prepare, runlock, storage
 from nanogpt_jax.checkpoint import Checkpointer
 from nanogpt_jax.errors import DataError, UserError
 from nanogpt_jax.model import GPT, GPTConfig, init_params
@@ -76,7 +76,7 @@ COMMON = {"train.always_save_checkpoint": True}
 
 @pytest.mark.slow
 def test_a_bucket_run_killed_and_resumed_ends_as_a_local_run_and_is_read_from_the_bucket(
-        gcs_server, token_data, tmp_path):
+        gcs_server, token_data, tmp_path, monkeypatch):
     bucket = gcs_server()
     data_url = upload_data(token_data, f"{bucket}/data/tokens")
     out, cache = f"{bucket}/runs/tiny", tmp_path / "cache"
@@ -99,6 +99,8 @@ def test_a_bucket_run_killed_and_resumed_ends_as_a_local_run_and_is_read_from_th
     assert 10 <= killed_at < N_STEPS, f"killed at step {killed_at}: the machine is too fast or slow for this test"
     assert (storage.cache_folder(data_url, cache) / "train.bin").read_bytes() == (token_data / "train.bin").read_bytes()
 
+    assert storage.path(f"{out}/run.lock").exists()  # the killed run's lock: it goes stale, and is taken over
+    monkeypatch.setattr(runlock, "STALE_S", 3.0)  # (not after the default 120 s)
     summary = train(tiny_run_config(data_url, out, init_from="resume",
                                     **{"train.max_iters": N_STEPS, "data.cache_dir": str(cache), **COMMON}))
     assert summary["iterations"] == N_STEPS
@@ -108,6 +110,7 @@ def test_a_bucket_run_killed_and_resumed_ends_as_a_local_run_and_is_read_from_th
     # the logs, in the bucket: every step once, the same losses; summary, curve, TensorBoard events
     names = objects(gcs_server, out)
     assert {"runs/tiny/metrics.csv", "runs/tiny/summary.json", "runs/tiny/loss.png"} <= set(names)
+    assert "runs/tiny/run.lock" not in names  # released by the run that ended
     assert any(n.startswith("runs/tiny/tb/events.out.tfevents") for n in names)
     m, r = loggers.read_metrics(f"{out}/metrics.csv"), loggers.read_metrics(ref / "metrics.csv")
     assert m["step"] == r["step"], (killed_at, m["step"])
