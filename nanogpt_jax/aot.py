@@ -181,7 +181,8 @@ def format_report(r: Report) -> str:
         f"{r.topology} ({r.jax_topology}{f', {r.hosts} hosts' if r.hosts > 1 else ''}): {r.devices} x "
         f"{r.device_kind}, {r.hbm_bytes / GiB:.1f} GiB per {r.unit} for the step ({r.memory_note}); mesh "
         + " ".join(f"{k}={v}" for k, v in r.mesh.items()),
-        f"model: {m['n_layer']} layers x {m['n_embd']} wide, {r.params / 1e6:.1f}M parameters, {m['dtype']}, "
+        f"model: {m['n_layer']} layers x {m['n_embd']} wide, {metrics.format_params(r.params)} parameters, "
+        f"{m['dtype']}, "
         f"remat={m['remat']}, scan_layers={m['scan_layers']}",
         f"attention: {r.implementations['attention']}; loss: {r.implementations['loss']}"
         + (f"; in the compiled HLO: {', '.join(f'{v} {k} calls' for k, v in r.kernels.items())}" if r.kernels

@@ -567,7 +567,8 @@ def _train_table(section: dict) -> list[str]:
     head = []
     if first:
         s, res = first["settings"], first["results"]
-        head = [f"{s['model']} ({s['params'] / 1e6:,.1f}M parameters), {s['dtype']}, block {s['block_size']}, "
+        head = [f"{s['model']} ({metrics.format_params(s['params'])} parameters), {s['dtype']}, "
+                f"block {s['block_size']}, "
                 f"{s['mesh']['data']} device(s) data-parallel, {s['vocab_size']} vocabulary, random ids. MFU: "
                 f"{res['flops_formula']}; peak: {res['peak_source']}. Device peak: the process's peak bytes in use "
                 "after the row (rows run ascending, last); compiled: memory_analysis() arguments + outputs not "

@@ -54,7 +54,7 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import data, download, hellaswag, loggers, rows, sharding, storage, tokenizer
+from nanogpt_jax import data, download, hellaswag, loggers, metrics, rows, sharding, storage, tokenizer
 from nanogpt_jax.errors import ConfigError, DataError, UserError
 from nanogpt_jax.model import GPT, token_losses
 from nanogpt_jax.tokenizer import Tokenizer
@@ -498,7 +498,8 @@ def markdown(report: dict) -> str:
     theirs = {k: r for k, r in report["tasks"].items() if k.startswith(HARNESS_KEY)}
     m = report["model"]
     lines = [f"Model: {m['source']}" + (f" step {m['step']}" if "step" in m else "")
-             + f" ({m['params'] / 1e6:.2f}M parameters, {m['tokenizer']} tokenizer, {m['config']['dtype']}); "
+             + f" ({metrics.format_params(m['params'])} parameters, {m['tokenizer']} tokenizer, "
+               f"{m['config']['dtype']}); "
              f"{report['devices']} devices, {report['wall_seconds']:.1f} s in all."]
     if ours:
         columns = [c for c in METRICS if any(r.get(c) is not None for r in ours.values())]
@@ -560,8 +561,9 @@ def run(config: ConfigDict, out: TextIO | None = None) -> dict:
     harness_tasks = _harness_tasks(config, config.eval.tasks)  # before the weights are read
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     model, params, tok, source = sample.load_model(config, mesh=mesh, checkpoint=config.eval.checkpoint)
-    logging.info("evaluating %s (%s, %.2fM parameters) on %s", source.get("pretrained") or
-                 f"{source['checkpoint']} step {source['step']}", model.config.dtype, model.num_params() / 1e6,
+    logging.info("evaluating %s (%s, %s parameters) on %s", source.get("pretrained") or
+                 f"{source['checkpoint']} step {source['step']}", model.config.dtype,
+                 metrics.format_params(model.num_params()),
                  ", ".join(config.eval.tasks))
     evaluator = Evaluator(config, model, mesh, tok, config.eval.tasks, data_dir=source.get("data_dir"),
                           harness_tasks=harness_tasks)

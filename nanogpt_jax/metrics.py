@@ -283,6 +283,16 @@ def _warn_once(reason: str) -> None:
     logging.warning("MFU unknown: %s", reason)
 
 
+def format_params(n: int) -> str:
+    """A parameter count as the console shows it, to 3-4 significant figures: 85.0k, 10.65M, 1.558B
+    (a tiny test model is not "0.0M")."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.{3 if value < 10 else 2 if value < 100 else 1}f}{unit}"
+    return str(n)
+
+
 def format_mfu(fraction: float) -> str:
     """An MFU fraction as the console shows it: '51.2%', or '>100% (peak too low?)' above 1, which
     only a peak set too low can give (warned once per process: the raw figure stays in the files)."""

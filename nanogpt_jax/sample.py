@@ -17,7 +17,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import data, storage, tokenizer
+from nanogpt_jax import data, metrics, storage, tokenizer
 from nanogpt_jax.checkpoint import Checkpointer
 from nanogpt_jax.errors import CheckpointError, ConfigError, UserError
 from nanogpt_jax.model import GPT, GPTConfig, init_params
@@ -121,8 +121,8 @@ def sample(config: ConfigDict, out: TextIO | None = None) -> list[str]:
     ids = tok.encode(prompt)
     if not ids:
         raise UserError("sample.prompt is empty; give some text (for GPT-2, e.g. '\\n' or 'Once upon a time')")
-    logging.info("sampling %d x %d tokens from %s (%s, %.1fM parameters)", s.num_samples, s.max_new_tokens,
-                 source, model.config.dtype, model.num_params() / 1e6)
+    logging.info("sampling %d x %d tokens from %s (%s, %s parameters)", s.num_samples, s.max_new_tokens,
+                 source, model.config.dtype, metrics.format_params(model.num_params()))
     idx = jnp.asarray(np.tile(np.asarray(ids, np.int32), (s.num_samples, 1)))
     lm = model.bind({"params": params})
     rows: list[list[int]] = [[] for _ in range(s.num_samples)]

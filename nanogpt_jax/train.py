@@ -343,7 +343,8 @@ class _Run:
             self.ckpt.close()
             raise
         self.tokens_per_step = A * B * T
-        logging.info("model: %s, %.2fM parameters; mesh %s", gcfg, self.model.num_params() / 1e6, dict(mesh.shape))
+        logging.info("model: %s, %s parameters; mesh %s", gcfg, metrics.format_params(self.model.num_params()),
+                     dict(mesh.shape))
         logging.info("tokens per step: %d micro-steps x %d sequences x %d tokens = %s", A, B, T,
                      f"{self.tokens_per_step:,}")
         self.implementations = implementations(gcfg, mesh.devices.flat[0].platform, B // sharding.batch_divisor(mesh))

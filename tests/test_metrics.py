@@ -173,3 +173,8 @@ def test_mfu_above_100_percent_is_flagged_once(caplog):
         assert metrics.format_mfu(2.0) == ">100% (peak too low?)"
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "above 100%" in warning and "bench.peak_tflops" in warning
+
+
+def test_parameter_counts_read_at_any_size():
+    assert [metrics.format_params(n) for n in (12, 28_544, 10_650_000, 124_439_808, 1_557_611_200)] == [
+        "12", "28.54k", "10.65M", "124.4M", "1.558B"]  # a tiny model is not "0.0M"

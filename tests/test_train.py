@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -156,6 +157,27 @@ def test_sigterm_saves_and_exits_zero(token_data, tmp_path):
     ckpt = Checkpointer(checkpoint_dir(out), keep=2)
     assert ckpt.latest_step() == summary["iterations"]  # saved where it stopped
     ckpt.close()
+
+
+def test_two_quick_ctrl_cs_stop_at_once(token_data, tmp_path):
+    """The second of two Ctrl-Cs 50 ms apart, sent while steps run, stops at once: `error: interrupted`, exit 1,
+    no traceback (the first alone finishes the step, saves and exits 0: test_sigterm_saves_and_exits_zero)."""
+    out = tmp_path / "int"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_train.py"), "--config", str(ROOT / "configs/tiny.py"),
+                             *cli_args(token_data, out, **{"train.max_iters": 100_000, "train.eval_interval": 50_000,
+                                                           "train.log_interval": 1, "train.batch_size": 512})],
+                            cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(r"step 2/100000 \| loss", line):
+            break
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output = "".join(lines) + proc.communicate(timeout=240)[0]
+    assert proc.returncode == 1 and output.strip().splitlines()[-1] == "error: interrupted", output[-2000:]
+    assert "Traceback" not in output, output[-2000:]
 
 
 def test_nan_never_reaches_a_checkpoint(token_data, tmp_path, nan_training_loss):
