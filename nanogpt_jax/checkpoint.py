@@ -244,6 +244,12 @@ class Checkpointer:
         """
         if self._read_only:
             raise CheckpointError(f"{self.directory} was opened read-only; open it with read_only=False to save")
+        if self._pending_step is not None and self._manager.is_saving_in_progress():
+            # the previous save is still writing: if the folder is gone (a bucket that stopped answering,
+            # a lost mount) its writes retry for a long time, and waiting for them would hang the run here
+            problem = _write_problem(self._path)
+            if problem:
+                raise self._save_failed(problem)
         # orbax waits for the previous save inside save(); waiting here first reports its failure as its own
         self.wait()
         step = int(step)
@@ -329,7 +335,11 @@ class Checkpointer:
         self._remove_if_empty()
 
     def _close_manager_after_failure(self) -> None:
-        # orbax's close() re-raises the background save's own error: ours, which names the fix, stays
+        # orbax's close() waits for a save still writing (into a folder that is gone: retrying for long), and
+        # re-raises the background save's own error: neither, as our error, which names the fix, is on its way
+        if self._manager.is_saving_in_progress():
+            logging.debug("not waiting for orbax's unfinished save into %s", self.directory)
+            return
         try:
             self._manager.close()
         except Exception as e:  # noqa: BLE001

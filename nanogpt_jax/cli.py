@@ -80,7 +80,11 @@ _QUIET_PACKAGES = ("/orbax/", "/jax/_src/", "/absl/")
 def _quiet_libraries(record: std_logging.LogRecord) -> bool:
     if "/orbax/" in record.pathname and str(record.msg).startswith("Given directory is read only"):
         return False  # we open checkpoints read-only on purpose (sampling, evaluation)
-    if record.levelno >= std_logging.WARNING or logging.get_verbosity() >= logging.DEBUG:
+    if logging.get_verbosity() >= logging.DEBUG:
+        return True
+    if "/gcsfs/" in record.pathname and record.exc_info:
+        return False  # a request out of retries, with its traceback: our one line says what failed
+    if record.levelno >= std_logging.WARNING:
         return True
     return not any(p in record.pathname for p in _QUIET_PACKAGES)
 

@@ -43,6 +43,7 @@ LOCK_NAME = "run.lock"
 _BOUNDARY = "==nanogpt_jax=="  # of the multipart upload that writes a bucket lock
 REFRESH_S = 30.0  # a bucket lock's holder rewrites it this often
 STALE_S = 120.0  # a bucket lock not rewritten for this long belongs to a dead run: it is taken over
+RELEASE_WAIT_S = 10.0  # the longest a run's end waits for its bucket lock's deletion
 
 
 def _holder() -> dict[str, Any]:
@@ -97,10 +98,18 @@ class RunLock:
             self._file = None
         if self._generation is not None:
             generation, self._generation = self._generation, None
-            try:
-                self._call("DELETE", ifGenerationMatch=generation)
-            except Exception as e:  # noqa: BLE001 - taken over or already gone: nothing of ours to remove
-                logging.debug("releasing %s: %s", self.path, e)
+
+            def delete() -> None:
+                try:
+                    self._call("DELETE", ifGenerationMatch=generation)
+                except Exception as e:  # noqa: BLE001 - taken over, already gone, or the bucket is unreachable
+                    logging.debug("releasing %s: %s", self.path, e)
+
+            # a bucket that stopped answering is retried for about a minute: the run's end does not wait for
+            # that (the lock then goes stale, and the next run takes it over)
+            deleting = threading.Thread(target=delete, name="nanogpt_jax-run-lock-release", daemon=True)
+            deleting.start()
+            deleting.join(RELEASE_WAIT_S)
 
     def __enter__(self) -> RunLock:
         self.acquire()

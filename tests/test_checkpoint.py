@@ -608,3 +608,36 @@ def test_model_config_from_record():
     with pytest.raises(CheckpointError, match="n_embd=32 must be divisible by n_head=3"):
         checkpoint.model_config({"model": {**dataclasses.asdict(TINY), "n_head": 3}})
     assert json.loads(json.dumps(dataclasses.asdict(TINY))) == dataclasses.asdict(TINY)
+
+
+def test_a_save_still_writing_into_a_folder_that_is_gone_does_not_hang_the_next_save(tmp_path, state3, monkeypatch):
+    """The previous save is still writing (as into a bucket that stopped answering, whose requests are retried
+    for minutes) and the folder no longer takes files: the next save fails at once, naming the unfinished step,
+    and close() does not wait for orbax's stuck save either."""
+    from conftest import make_unwritable
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+    release = __import__("threading").Event()
+    real = async_checkpointer._on_commit_callback
+
+    def stuck(*args, **kwargs):
+        release.wait(120)
+        return real(*args, **kwargs)
+
+    d = tmp_path / "ckpt"
+    ckpt = Checkpointer(d)
+    ckpt.save(1, state3, record={})
+    ckpt.wait()
+    monkeypatch.setattr(async_checkpointer, "_on_commit_callback", stuck)
+    ckpt.save(2, state3, record={})  # its commit hangs
+    restore = make_unwritable(d)
+    try:
+        started = time.time()
+        with pytest.raises(CheckpointError, match=r"^saving checkpoint step 2 to .* failed .*the committed "
+                                                  r"checkpoints \(1\) are intact"):
+            ckpt.save(3, state3, record={})
+        ckpt.close()
+        assert time.time() - started < 30
+    finally:
+        restore()
+        release.set()
