@@ -322,9 +322,9 @@ class _Run:
         self.mesh = mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
         B, A = c.train.batch_size, c.train.gradient_accumulation_steps
         sharding.check_batch_size(B, sharding.batch_divisor(mesh))
-        memory.check_fits(c, mesh)  # a shape too big is one line now, not a kernel OOM kill minutes later
         meta = data.load_meta(c.data.data_dir)  # a gs:// folder's meta.json is read in the bucket
         data.check_init_vocabulary(c.init_from, c.data.data_dir, meta)
+        memory.check_fits(c, mesh)  # a shape too big is one line now, not a kernel OOM kill minutes later
         check_out_dir_writable(c.out_dir)
         self.out_dir = storage.path(c.out_dir)
         self.resume_step = resume_step

@@ -38,13 +38,18 @@ sys.argv = ["run_train.py", *sys.argv[1:]]
 runpy.run_path("run_train.py", run_name="__main__")
 """
 
-# The heartbeat poller asks the coordination service without a pause, so that a request is in flight when the
-# run ends: it must be stopped before JAX shuts its client down (it crashed the process, SIGSEGV, once in CI).
-BUSY_HEARTBEATS = """
-import os, runpy, sys
+# Says whether our heartbeat poller still runs when JAX shuts its distributed client down at exit: it must not
+# (a request in flight on a client being shut down crashed a process with SIGSEGV at the end of a good run).
+HEARTBEATS_AT_EXIT = """
+import os, runpy, sys, threading
 sys.path.insert(0, os.getcwd())
-from nanogpt_jax import distributed
-distributed._Heartbeats.__init__.__defaults__ = (0.0005,)
+from jax._src import distributed as jax_distributed
+real = jax_distributed.State.shutdown
+def shutdown(self):
+    running = any(t.name == "nanogpt_jax-heartbeat-poll" and t.is_alive() for t in threading.enumerate())
+    print("heartbeat poller at JAX's shutdown:", "running" if running else "stopped", flush=True)
+    return real(self)
+jax_distributed.State.shutdown = shutdown
 sys.argv = ["run_train.py", *sys.argv[1:]]
 runpy.run_path("run_train.py", run_name="__main__")
 """
@@ -145,14 +150,15 @@ def test_a_lost_process_ends_the_other_in_one_line_and_the_run_resumes(token_dat
     for folder in (out, clean):
         if lost == 1:  # the restart in 1 process
             assert train(tiny_run_config(token_data, folder, **resume))["iterations"] == end
-        else:  # ... and in 2, with the heartbeats asking when the run ends (BUSY_HEARTBEATS)
-            script = tmp_path / "busy.py"
-            script.write_text(BUSY_HEARTBEATS)
+        else:  # ... and in 2, checking the heartbeats have stopped when JAX shuts down (HEARTBEATS_AT_EXIT)
+            script = tmp_path / "at_exit.py"
+            script.write_text(HEARTBEATS_AT_EXIT)
             procs = _launch(token_data, folder, script=script, **resume)
             outputs, _ = _finish(procs, timeout=240)
             assert [p.returncode for p in procs] == [0, 0], "\n".join(
                 f"--- process {i} (exit {p.returncode}):\n{o[-3000:]}"
                 for i, (p, o) in enumerate(zip(procs, outputs, strict=True)))
+            assert all("heartbeat poller at JAX's shutdown: stopped" in o for o in outputs), outputs
     assert not list(checkpoint_dir(out).glob("*.orbax-checkpoint-tmp*"))  # an unfinished save is cleared away
     for a, b in zip(jax.tree.leaves(_final_params(out, end)), jax.tree.leaves(_final_params(clean, end)),
                     strict=True):
