@@ -192,18 +192,31 @@ def initialize(config: ConfigDict) -> bool:
 def _why_jax_stopped() -> str:
     """Who was lost, from what JAX's C++ runtime reported just before it aborted (kept off the console
     by `_StderrFilter`): a process the service found dead or disconnected, or the service itself gone."""
-    time.sleep(0.3)  # the report is written before the abort; let the filter's thread read it
-    said = _StderrFilter.active.dropped if _StderrFilter.active else ""
     me = jax.process_index()
-    ids = re.search(r"stopped sending heartbeats\):?\s*([\d\s,]+)", said)
-    lost = sorted({int(i) for i in re.findall(r"\d+", ids.group(1))} if ids else
-                  {int(i) for i in re.findall(r"/task:(\d+)", said)} - {me})
+    # The report is written before the abort, but the filter's thread may not have read it yet (a busy
+    # host): wait for a line we understand, up to 3 s.
+    deadline = time.monotonic() + REPORT_WAIT_S
+    while True:
+        said = _StderrFilter.active.dropped if _StderrFilter.active else ""
+        ids = re.search(r"stopped sending heartbeats\):?\s*([\d\s,]+)", said)
+        lost = sorted({int(i) for i in re.findall(r"\d+", ids.group(1))} if ids else
+                      {int(i) for i in re.findall(r"/task:(\d+)", said)} - {me})
+        gone = re.search(r"Failed to send RPC to coordination service|Socket closed|Connection reset|"
+                         r"failed to connect", said, re.IGNORECASE)
+        if lost or gone or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     if lost and (me == 0 or 0 not in lost):
         who = f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))}"
         return f"{who} stopped (found by JAX's coordination service)"
-    if re.search(r"Failed to send RPC to coordination service|Socket closed|Connection reset|failed to connect",
-                 said, re.IGNORECASE) or lost == [0]:
+    if gone or lost == [0]:
         return "process 0, which coordinates the run, is gone (JAX's coordination service cannot be reached)"
+    quiet = _Heartbeats.active.quietest() if _Heartbeats.active else None
+    if quiet is not None:  # JAX said nothing we could read: our own heartbeats tell who went quiet
+        peer, seconds = quiet
+        if peer == 0:
+            return "process 0, which coordinates the run, is gone (JAX's coordination service cannot be reached)"
+        return f"process {peer} stopped (found by JAX's coordination service; its last heartbeat {seconds:.0f} s ago)"
     first = next((line for line in said.splitlines() if line.strip()), "no reason given")
     return f"JAX's distributed runtime stopped the run ({first[:200]})"
 
@@ -244,6 +257,7 @@ def _join_failure(params: dict[str, Any], timeout_s: int) -> str:
 
 # ---- when a process is lost or fails ---------------------------------------------------------------
 
+REPORT_WAIT_S = 3.0  # how long to wait for JAX's report of why it aborts to reach the filter
 FAILURE_KEY = "nanogpt_jax/failure"  # the coordination service's key-value store: the first failure's line
 _SEEN_PREFIX = "nanogpt_jax/failure_seen/"
 _ALIVE_PREFIX = "nanogpt_jax/alive/"
@@ -447,6 +461,8 @@ class _Heartbeats:
     answered for that long. Counters, not clocks: hosts' clocks need not agree. JAX's own heartbeats
     (set to 3 x timeout_s, at least 100 s) stay as the last resort; they abort with a dump."""
 
+    active: _Heartbeats | None = None  # this process's watch, once started
+
     def __init__(self, client: Any, timeout_s: float, poll_s: float = 1.0):
         self.client, self.timeout_s, self.poll_s = client, timeout_s, poll_s
         self.me, self.n = jax.process_index(), jax.process_count()
@@ -456,7 +472,17 @@ class _Heartbeats:
         self.stopped = threading.Event()
         self.poller: threading.Thread | None = None
 
+    def quietest(self) -> tuple[int, float] | None:
+        """(peer, seconds) for the peer whose counter has stood still longest, if that is more than two
+        polls (a live peer's moves every poll); None when every peer is beating."""
+        if not self.counters:
+            return None
+        peer, (_, seen) = min(self.counters.items(), key=lambda item: item[1][1])
+        seconds = time.monotonic() - seen
+        return (peer, seconds) if seconds > 2 * self.poll_s + 0.5 else None
+
     def start(self) -> None:
+        _Heartbeats.active = self
         self.poller = threading.Thread(target=self._poll, name="nanogpt_jax-heartbeat-poll", daemon=True)
         self.poller.start()
         threading.Thread(target=self._judge, name="nanogpt_jax-heartbeat-judge", daemon=True).start()

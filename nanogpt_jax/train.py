@@ -209,14 +209,35 @@ class _StopFlag:
         self.multiprocess = multiprocess
         self._forwarded = False
         self._previous = {}
+        self._wakeup: tuple[int, int] | None = None  # (read, write) ends of the pipe CPython writes signals to
+        self._previous_wakeup = -1
 
     def __enter__(self) -> _StopFlag:
         for sig in (signal.SIGINT,) if self.multiprocess else (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
+        # CPython runs a Python handler once for however many times a signal arrived while the main thread
+        # was in C (an XLA step): two Ctrl-Cs 50 ms apart would read as one. Its C handler also writes one
+        # byte per delivery to the wakeup fd, which lets `_handle` count them.
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        self._wakeup = (read_fd, write_fd)
+        self._previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         return self
 
+    def _sigints_delivered(self) -> int:
+        """How many SIGINTs the C handler has seen since the last call (at least 1 inside a SIGINT handler)."""
+        if self._wakeup is None:
+            return 1
+        try:
+            delivered = os.read(self._wakeup[0], 4096)
+        except BlockingIOError:
+            delivered = b""
+        return max(1, delivered.count(bytes([signal.SIGINT])))
+
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and (self.signal is not None or self._forwarded):
+        sigints = self._sigints_delivered() if signum == signal.SIGINT else 0
+        if signum == signal.SIGINT and (self.signal is not None or self._forwarded or sigints > 1):
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         if self.multiprocess:  # only SIGINT comes here
             self._forwarded = True
@@ -237,6 +258,11 @@ class _StopFlag:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            for fd in self._wakeup:
+                os.close(fd)
+            self._wakeup = None
 
     def __bool__(self) -> bool:
         return self.signal is not None
@@ -389,7 +415,9 @@ class _Run:
             prepare_out_dir(self.out_dir)
             self.lock = RunLock(self.out_dir)
             self.lock.acquire()  # a second run into this folder stops here, before writing anything
-            self._check_folder_unchanged()
+        # On every process, since listing checkpoints is collective in orbax (process 0 alone hung a
+        # 2-process resume); a refused lock ends the others through distributed.fail_everywhere.
+        self._check_folder_unchanged()
         self.ckpt.close()
         self.ckpt = Checkpointer(checkpoint_dir(self.out_dir), keep=c.train.keep_checkpoints)
         self.logger = loggers.MetricLogger(self.out_dir, tensorboard=c.log.tensorboard, csv=c.log.csv,

@@ -66,6 +66,31 @@ def test_devices_used_before_initialize_is_a_clear_error(no_cluster_env, token_d
         distributed.initialize(c)  # this test process has long used its 8 devices
 
 
+class _Filter:
+    def __init__(self, dropped: str):
+        self.dropped = dropped
+
+
+@pytest.mark.parametrize("said, expected", [
+    ("E1207 coordination_service.cc:1] tasks stopped sending heartbeats: 1\n", r"^process 1 stopped \(found by JAX"),
+    ("E1207 client.cc:1] Failed to send RPC to coordination service\n", r"^process 0, which coordinates the run"),
+    ("", r"^process 1 stopped \(found by JAX's coordination service; its last heartbeat \d+ s ago\)$"),
+])
+def test_why_jax_stopped_names_the_lost_process(monkeypatch, said, expected):
+    """What JAX's runtime said before aborting names who was lost; when it said nothing the stderr filter
+    could read in time (a busy host: CI's failure), the heartbeat that stood still names the process."""
+    monkeypatch.setattr(distributed, "REPORT_WAIT_S", 0.2)
+    monkeypatch.setattr(distributed._StderrFilter, "active", _Filter(said))
+    beats = distributed._Heartbeats.__new__(distributed._Heartbeats)
+    beats.poll_s, now = 1.0, time.monotonic()
+    beats.counters = {1: ("7", now - 5.0), 2: ("9", now)}  # process 1 quiet for 5 s, process 2 beating
+    monkeypatch.setattr(distributed._Heartbeats, "active", beats)
+    assert re.search(expected, distributed._why_jax_stopped())
+    beats.counters = {1: ("7", now), 2: ("9", now)}  # everyone beating, nothing said: JAX's words, or none
+    if not said:
+        assert distributed._why_jax_stopped() == "JAX's distributed runtime stopped the run (no reason given)"
+
+
 def test_compilation_cache_is_written(tmp_path):
     code = ("import sys, jax; from configs import tiny; from nanogpt_jax import distributed\n"
             "c = tiny.get_config(); c.compilation_cache_dir = sys.argv[1]; distributed.initialize(c)\n"

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -178,6 +179,30 @@ def test_two_quick_ctrl_cs_stop_at_once(token_data, tmp_path):
     output = "".join(lines) + proc.communicate(timeout=240)[0]
     assert proc.returncode == 1 and output.strip().splitlines()[-1] == "error: interrupted", output[-2000:]
     assert "Traceback" not in output, output[-2000:]
+
+
+def test_two_ctrl_cs_during_one_long_c_call_count_as_two():
+    """CPython runs a handler once for two signals that arrive while the main thread is in C (an XLA step,
+    here a BLAS matmul); counted from the wakeup fd, the second still stops at once (CI saw it read as one)."""
+    from nanogpt_jax.train import _StopFlag
+
+    started = threading.Event()
+
+    def press_twice():
+        started.wait()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    a = np.random.default_rng(0).standard_normal((3000, 3000))
+    presser = threading.Thread(target=press_twice)
+    presser.start()
+    with pytest.raises(KeyboardInterrupt), _StopFlag() as stop:
+        started.set()
+        a @ a  # one C call of ~1 s with the GIL released: both Ctrl-Cs arrive inside it
+        raise AssertionError(f"still running after both Ctrl-Cs (stop flag: {stop.signal})")
+    presser.join()
+    assert signal.set_wakeup_fd(-1) == -1  # __exit__ put the previous wakeup fd back
 
 
 def test_nan_never_reaches_a_checkpoint(token_data, tmp_path, nan_training_loss):
