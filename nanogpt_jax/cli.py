@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
@@ -89,6 +90,17 @@ def _quiet_libraries(record: std_logging.LogRecord) -> bool:
     return not any(p in record.pathname for p in _QUIET_PACKAGES)
 
 
+def _quiet_unraisable(unraisable: Any) -> None:
+    """sys.unraisablehook: after an orbax save into a bucket failed, tensorstore's writes still in flight
+    call back into the save's event loop, which orbax has closed, and report each `RuntimeError: Event
+    loop is closed` as unraisable (dozens of bare tracebacks before our line). Those go to the debug
+    log; anything else is Python's default report."""
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        logging.debug("after a failed save: %s: %s", unraisable.exc_type.__name__, unraisable.exc_value)
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
@@ -152,6 +164,7 @@ def main(fn: Callable[[ConfigDict], object]) -> None:
             fail(f"unexpected arguments {' '.join(argv[1:])!r}; settings go in --config.key=value")
         logging.use_absl_handler()
         logging.get_absl_handler().addFilter(_quiet_libraries)
+        sys.unraisablehook = _quiet_unraisable
         try:
             config = load_config()
             distributed.exit_on_background_write_failure()  # e.g. tensorboardX's writer on a full disk

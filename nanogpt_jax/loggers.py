@@ -29,8 +29,9 @@ events in out_dir/tb and starts a new W&B run.
 
 A gs:// out_dir (any URL): the files are written as above in a local temporary folder and uploaded,
 each whole in one upload (an object in a bucket is replaced whole: readers never see half a file),
-every UPLOAD_SECONDS, at each `sync()` (the trainer calls it after each checkpoint save, so the
-bucket's CSV holds every step before the newest checkpoint) and at `close()`. A resume first
+at the first logged row, then at most every UPLOAD_SECONDS, at each `sync()` (the trainer calls it
+after each checkpoint save, so the bucket's CSV holds every step before the newest checkpoint) and
+at `close()`. A resume first
 downloads the run's metrics.csv and wandb_run.json. TensorBoard reads the events from the bucket
 (`tensorboard --logdir gs://.../tb`). W&B keeps its local files in ~/.cache/nanogpt_jax/wandb/.
 """
@@ -40,6 +41,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -305,7 +307,9 @@ class _Mirror:
         self.remote = remote
         self.local = Path(tempfile.mkdtemp(prefix="nanogpt_jax-logs-"))
         self.sent: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) at its last upload
-        self.last = time.monotonic()
+        # the first logged row is uploaded at once, as a local run's is on disk: a run killed before its
+        # first checkpoint leaves its logs in the bucket too (at most UPLOAD_SECONDS behind)
+        self.last = -math.inf
         if resume_step is not None:  # the rows and W&B id of the run so far
             for name in (CSV_NAME, WANDB_STATE):
                 try:
@@ -329,6 +333,7 @@ class _Mirror:
         for name in ("csv", "tensorboard"):
             if name in backends:
                 backends[name].flush()
+        failed: list[tuple[str, Exception]] = []
         for p in self._files():
             rel = p.relative_to(self.local).as_posix()
             stat = p.stat()
@@ -338,7 +343,11 @@ class _Mirror:
                 storage.upload(p, self.remote / rel)
                 self.sent[rel] = (stat.st_size, stat.st_mtime_ns)
             except Exception as e:  # noqa: BLE001 - a network error must not stop training: the next sync retries
-                logging.warning("uploading %s failed (%s); retrying at the next upload", self.remote / rel, e)
+                failed.append((rel, e))
+        if failed:  # one line per sync, not per file
+            others = f" and {len(failed) - 1} other file{'s' if len(failed) > 2 else ''}" if len(failed) > 1 else ""
+            logging.warning("uploading %s%s failed (%s); retrying at the next upload", self.remote / failed[0][0],
+                            others, failed[0][1])
 
     def close(self) -> None:
         shutil.rmtree(self.local, ignore_errors=True)

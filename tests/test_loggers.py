@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nanogpt_jax import loggers
+from nanogpt_jax import loggers, storage
 from nanogpt_jax.errors import DataError
 from nanogpt_jax.loggers import MetricLogger, format_line, plot_loss
 
@@ -257,3 +257,16 @@ def test_plot_loss_marks_a_curve_of_one_point(tmp_path):
     assert lines["val"].get_marker() == "o"  # unchanged for longer curves
     png = plot_loss(tmp_path / "metrics.csv", tmp_path / "loss.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_bucket_run_has_its_first_row_in_the_bucket_at_once(gcs_server):
+    """A gs:// out_dir's logs go up at the first logged row, then at most every UPLOAD_SECONDS: a run killed
+    before its first checkpoint leaves its logs in the bucket, as a local run leaves them on disk."""
+    out = storage.path(gcs_server()) / "run"
+    logger = MetricLogger(out, tensorboard=False, total_steps=100)
+    logger.log(0, {"train/loss": 4.2})
+    assert (out / "metrics.csv").read_text().splitlines()[1].startswith("0,")
+    logger.log(1, {"train/loss": 4.1})  # within UPLOAD_SECONDS: not uploaded yet
+    assert len((out / "metrics.csv").read_text().splitlines()) == 2
+    logger.close()
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3

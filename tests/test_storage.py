@@ -8,10 +8,13 @@ share one bucket out_dir. Bad input is one line. A data copy cut short resumes a
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 
 import jax
@@ -138,6 +141,55 @@ def test_a_bucket_run_killed_and_resumed_ends_as_a_local_run_and_is_read_from_th
     assert "loss/val" in e_out  # the table; the report is in the bucket:
     report = json.loads(storage.path(f"{out}/eval.json").read_text())
     assert report["model"]["step"] == N_STEPS and report["tasks"]["loss/val"]["loss"] > 0
+
+
+def delete_bucket(server, bucket: str) -> None:
+    """Empty and delete `bucket` while a run writes to it (repeated until the bucket itself is gone)."""
+    name = bucket.removeprefix("gs://")
+    for _ in range(200):
+        for obj in objects(server, bucket):
+            try:
+                urllib.request.urlopen(urllib.request.Request(
+                    f"{server.url}/storage/v1/b/{name}/o/{urllib.parse.quote(obj, safe='')}", method="DELETE"))
+            except urllib.error.HTTPError:  # deleted meanwhile
+                pass
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"{server.url}/storage/v1/b/{name}", method="DELETE"))
+            return
+        except urllib.error.HTTPError:  # 412: an object was written meanwhile
+            time.sleep(0.01)
+    raise AssertionError(f"could not delete {bucket}")
+
+
+@pytest.mark.slow
+def test_a_save_into_a_bucket_that_is_gone_is_one_line(gcs_server, token_data, tmp_path):
+    """The bucket deleted once checkpoint 10 is committed: the save of step 20 fails (404) and the run
+    ends with our line naming the bucket and the credentials, after at most the upload warnings; no
+    traceback (tensorstore reported dozens of 'Event loop is closed' as unraisable, before the line)."""
+    bucket = gcs_server()
+    out = f"{bucket}/run"
+    proc = launch(token_data, out, tmp_path / "cache", **{"train.max_iters": 100_000, **COMMON})[0]
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if any(n.endswith("checkpoints/10/commit_success.txt") for n in objects(gcs_server, out)):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        deleted = time.time()
+        delete_bucket(gcs_server, bucket)
+        output = proc.communicate(timeout=240)[0]
+    finally:
+        proc.kill()
+    seconds = time.time() - deleted
+    lines = output.strip().splitlines()
+    assert proc.returncode == 1, output[-3000:]
+    assert re.fullmatch(rf"error: saving checkpoint step \d+ to {out}/checkpoints failed \(.*\); check the bucket "
+                        r"and this machine's credentials .*roles/storage.objectAdmin.*", lines[-1]), lines[-1]
+    assert "Traceback" not in output and "Event loop is closed" not in output, output[-3000:]
+    noise = [line for line in lines[:-1] if not re.match(r"I\d{4} ", line) and "| train " not in line]
+    assert len(noise) <= 4 and all("uploading" in line for line in noise), noise  # a warning per log upload
+    print(f"bucket deleted: exit 1 after {seconds:.1f} s, {len(noise)} warnings before the line")
 
 
 @pytest.mark.slow
