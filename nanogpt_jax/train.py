@@ -386,6 +386,8 @@ class _Run:
         self.best_val = math.inf if best is None else best
         self.flops_per_token = gcfg.flops_per_token(T)
         self.peak = metrics.peak_flops(jax.devices()[0], gcfg.dtype, c.bench.peak_tflops)
+        # a CPU's peak is a cached probe, which a busy machine makes too low: probed again at most once
+        self.peak_remeasurable = jax.devices()[0].platform == "cpu" and c.bench.peak_tflops is None
         self.logger: loggers.MetricLogger | None = None  # opened by open_outputs
         self.lock: RunLock | None = None  # process 0 holds out_dir from open_outputs on
         self.pending_rows: list[tuple[int, dict]] = []
@@ -506,8 +508,13 @@ class _Run:
                 row["train/compile_seconds"] = dt
             else:
                 tok_s = self.tokens_per_step / dt
-                row.update({"train/ms_per_step": dt * 1e3, "train/tokens_per_sec": tok_s,
-                            "train/mfu": metrics.mfu(self.flops_per_token, tok_s, self.mesh.size, self.peak)})
+                mfu = metrics.mfu(self.flops_per_token, tok_s, self.mesh.size, self.peak)
+                if mfu is not None and mfu > 1 and self.peak_remeasurable:
+                    self.peak_remeasurable = False
+                    self.peak = metrics.remeasure_cpu_peak(self.model.config.dtype).flops
+                    mfu = metrics.mfu(self.flops_per_token, tok_s, self.mesh.size, self.peak)
+                    self.t_last = time.perf_counter()  # the probe's second is not the next step's time
+                row.update({"train/ms_per_step": dt * 1e3, "train/tokens_per_sec": tok_s, "train/mfu": mfu})
             self.log(step, row)  # and a console line (None values are left out)
         self.ckpt.check()  # a background save that failed ends the run now, not at the next save
 

@@ -154,6 +154,20 @@ def test_corrupt_cpu_peak_cache_is_measured_again(fake_probe, tmp_path, content)
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_peak_measured_on_a_busy_machine_is_raised_by_a_new_probe(fake_probe, tmp_path):
+    """remeasure_cpu_peak (a run saw an MFU above 100%) probes again; the cache keeps the higher figure."""
+    path, key = tmp_path / metrics.CPU_PEAK_FILE, metrics._machine_key("float32")
+    n = len(jax.local_devices(backend="cpu"))
+    path.write_text(json.dumps({key: {"flops": 1e9, "measured": "busy"}}))
+    assert metrics.device_peak(jax.devices("cpu")[0], "float32").flops == pytest.approx(1e9 / n)
+    assert metrics.remeasure_cpu_peak("float32").flops == pytest.approx(8e10 / n)
+    assert json.loads(path.read_text())[key]["flops"] == 8e10 and fake_probe == ["float32"]
+    assert metrics.device_peak(jax.devices("cpu")[0], "float32").flops == pytest.approx(8e10 / n)  # from now on
+    path.write_text(json.dumps({key: {"flops": 2e11, "measured": "quiet"}}))  # a new probe that is lower: kept
+    assert metrics.remeasure_cpu_peak("float32").flops == pytest.approx(2e11 / n)
+    assert json.loads(path.read_text())[key] == {"flops": 2e11, "measured": "quiet"}
+
+
 def test_unwritable_cpu_peak_cache_keeps_the_measured_peak(fake_probe, tmp_path, monkeypatch, caplog):
     (tmp_path / "a_file").write_text("")
     monkeypatch.setenv(metrics.CACHE_ENV, str(tmp_path / "a_file" / "cache"))  # cannot become a folder

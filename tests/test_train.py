@@ -205,6 +205,25 @@ def test_two_ctrl_cs_during_one_long_c_call_count_as_two():
     assert signal.set_wakeup_fd(-1) == -1  # __exit__ put the previous wakeup fd back
 
 
+def test_an_mfu_above_100_percent_on_a_cpu_probes_the_peak_again(token_data, tmp_path, monkeypatch):
+    """A cached CPU peak too low to be true (a probe on a busy machine) is measured again at the first MFU
+    above 100%: the run logs no such MFU, and the cache holds the new figure for later runs."""
+    from nanogpt_jax import metrics
+
+    monkeypatch.setenv(metrics.CACHE_ENV, str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    path, key = tmp_path / "cache" / metrics.CPU_PEAK_FILE, metrics._machine_key("float32")
+    path.write_text(json.dumps({key: {"flops": 1e3, "measured": "busy"}}))  # 1 kFLOP/s
+    metrics._cpu_host_peak.cache_clear()
+    try:
+        train(tiny_run_config(token_data, tmp_path / "run", **{"train.max_iters": 4, "train.log_interval": 1}))
+    finally:
+        metrics._cpu_host_peak.cache_clear()
+    mfus = [v for v in loggers.read_metrics(tmp_path / "run")["train/mfu"] if v is not None]
+    assert len(mfus) == 3 and all(0 < v <= 1 for v in mfus), mfus  # steps 1-3 (step 0 compiles)
+    assert json.loads(path.read_text())[key]["flops"] > 1e9
+
+
 def test_nan_never_reaches_a_checkpoint(token_data, tmp_path, nan_training_loss):
     out = tmp_path / "nan"
     with pytest.raises(UserError, match=r"3 steps in a row up to step 2 had a non-finite loss"):
