@@ -61,6 +61,33 @@ def _describe(raw: str | bytes) -> str:
         return "another run"
 
 
+def check_free(out_dir: str | os.PathLike) -> None:
+    """At start-up, before compiling: refuse at once a local out_dir whose lock a live run holds (it is
+    tried and let go; nothing is created). A bucket's lock is judged only by watching it for a refresh,
+    which `RunLock.acquire` does when the run opens the folder.
+
+    Raises:
+        UserError: another live run holds the folder (names it, as `RunLock.acquire` does).
+    """
+    path = storage.path(out_dir) / LOCK_NAME
+    if not isinstance(path, pathlib.Path):
+        return
+    import fcntl
+
+    try:
+        f = open(path)  # noqa: SIM115 - closed below
+    except OSError:  # no lock file (a new folder), or one we cannot read: acquire() decides later
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLock(out_dir)._refused(_describe(f.read())) from None
+        except OSError:  # a file system without locks: acquire() says so later
+            return
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class RunLock:
     """The lock on one out_dir (see the module docstring). Not re-entrant; one per process.
 

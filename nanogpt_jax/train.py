@@ -32,7 +32,7 @@ from nanogpt_jax.checkpoint import Checkpointer
 from nanogpt_jax.errors import CheckpointError, UserError, out_of_memory_is_a_user_error
 from nanogpt_jax.model import GPT, GPTConfig, implementations
 from nanogpt_jax.optim import OptimConfig, make_optimizer
-from nanogpt_jax.runlock import RunLock
+from nanogpt_jax.runlock import RunLock, check_free
 from nanogpt_jax.step import TrainState, abstract_state, init_state, make_eval_step, make_train_step, param_shardings
 
 
@@ -301,6 +301,8 @@ def train(config: ConfigDict) -> dict:
     does not fit in device memory, a checkpoint save that failed.
     """
     distributed.initialize(config)  # before anything touches a device
+    if jax.process_index() == 0 and not config.train.eval_only:  # (one process tries it: two at once would clash)
+        check_free(config.out_dir)  # a live run in this folder: refused now, not after this run's compile
     try:
         resume_step = check_run_folder(config)
     except NothingToTrain as done:

@@ -51,6 +51,28 @@ def test_a_local_folder_is_held_by_one_process_and_freed_when_it_dies(tmp_path):
     RunLock(out).acquire()  # released
 
 
+def test_a_run_into_a_held_folder_is_refused_before_it_compiles(token_data, tmp_path):
+    """check_free, at start-up: a live run's folder refuses a new run at once (not after its compile), through
+    the CLI in one line; it creates nothing in a new folder and leaves a free folder free."""
+    from test_run_folder import one_error_line, run_train_cli
+
+    runlock.check_free(tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    out = tmp_path / "run"
+    holder = _hold_in_another_process(out)
+    try:
+        with pytest.raises(UserError, match=f"is in use by the run of pid {holder.pid} on host "):
+            runlock.check_free(out)
+        done = run_train_cli(token_data, out, **{"train.max_iters": 5})
+        assert f"is in use by the run of pid {holder.pid}" in one_error_line(done)
+        assert "compile" not in done.stdout + done.stderr  # refused before the first step
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    runlock.check_free(out)  # the dead run's lock file is no obstacle
+    RunLock(out).acquire()
+
+
 def test_an_unwritable_folder_is_one_line(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match=r"out_dir=.*file/run' is not writable \(Not a directory\)"):
