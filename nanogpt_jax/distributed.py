@@ -209,13 +209,11 @@ def _why_jax_stopped() -> str:
     if lost and (me == 0 or 0 not in lost):
         who = f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))}"
         return f"{who} stopped (found by JAX's coordination service)"
-    if gone or lost == [0]:
-        return "process 0, which coordinates the run, is gone (JAX's coordination service cannot be reached)"
     quiet = _Heartbeats.active.quietest() if _Heartbeats.active else None
+    if gone or lost == [0] or (quiet is not None and quiet[0] == 0):
+        return "process 0, which coordinates the run, is gone (JAX's coordination service cannot be reached)"
     if quiet is not None:  # JAX said nothing we could read: our own heartbeats tell who went quiet
         peer, seconds = quiet
-        if peer == 0:
-            return "process 0, which coordinates the run, is gone (JAX's coordination service cannot be reached)"
         return f"process {peer} stopped (found by JAX's coordination service; its last heartbeat {seconds:.0f} s ago)"
     first = next((line for line in said.splitlines() if line.strip()), "no reason given")
     return f"JAX's distributed runtime stopped the run ({first[:200]})"

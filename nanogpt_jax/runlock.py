@@ -80,12 +80,29 @@ def check_free(out_dir: str | os.PathLike) -> None:
         return
     with f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunLock(out_dir)._refused(_describe(f.read())) from None
+            _flock_or_refuse(f, os.fspath(out_dir))
         except OSError:  # a file system without locks: acquire() says so later
             return
         fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _flock_or_refuse(f: Any, out_dir: str) -> None:
+    """Take the exclusive flock on the open lock file `f`; if a live run holds it, close `f` and raise
+    the one-line refusal naming that run (UserError)."""
+    import fcntl
+
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = _describe(f.read())
+        f.close()
+        raise _refusal(out_dir, holder) from None
+
+
+def _refusal(out_dir: str, holder: str, extra: str = "") -> UserError:
+    return UserError(f"out_dir {out_dir!r} is in use by {holder}{extra}; wait for it to end or choose another "
+                     "--config.out_dir (two runs writing one folder mix their logs and checkpoints)")
 
 
 class RunLock:
@@ -146,27 +163,18 @@ class RunLock:
         self.release()
 
     def _refused(self, holder: str, extra: str = "") -> UserError:
-        return UserError(f"out_dir {self.out_dir!r} is in use by {holder}{extra}; wait for it to end or choose "
-                         "another --config.out_dir (two runs writing one folder mix their logs and checkpoints)")
+        return _refusal(self.out_dir, holder, extra)
 
     # ---- a local folder ------------------------------------------------------------------------------
 
     def _acquire_local(self) -> None:
-        import fcntl
-
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             f = open(self.path, "a+")  # noqa: SIM115 - held open: the lock lives as long as the file
         except OSError as e:
             raise UserError(f"out_dir={self.out_dir!r} is not writable ({e.strerror}); choose another "
                             "--config.out_dir") from None
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = _describe(f.read())
-            f.close()
-            raise self._refused(holder) from None
+        _flock_or_refuse(f, self.out_dir)
         f.seek(0)
         f.truncate()
         f.write(json.dumps(_holder()) + "\n")

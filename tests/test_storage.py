@@ -73,6 +73,17 @@ def launch(data_dir, out_dir, cache_dir, n_processes: int = 1, **overrides) -> l
     return procs
 
 
+def wait_for_commit(server, out: str, proc: subprocess.Popen, step: int, timeout: float = 240.0) -> None:
+    """Until checkpoint `step` of the run `proc` writes to `out` is committed in the bucket; the run must
+    still be going then."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if any(n.endswith(f"checkpoints/{step}/commit_success.txt") for n in objects(server, out)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+
+
 N_STEPS = 30
 COMMON = {"train.always_save_checkpoint": True}
 
@@ -87,12 +98,7 @@ def test_a_bucket_run_killed_and_resumed_ends_as_a_local_run_and_is_read_from_th
     ref = tmp_path / "local"
     try:  # the uninterrupted local run, meanwhile
         train(tiny_run_config(token_data, ref, **{"train.max_iters": N_STEPS, **COMMON}))
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if any(n.endswith("checkpoints/10/commit_success.txt") for n in objects(gcs_server, out)):
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        wait_for_commit(gcs_server, out, proc, step=10)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
@@ -170,12 +176,7 @@ def test_a_save_into_a_bucket_that_is_gone_is_one_line(gcs_server, token_data, t
     out = f"{bucket}/run"
     proc = launch(token_data, out, tmp_path / "cache", **{"train.max_iters": 100_000, **COMMON})[0]
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if any(n.endswith("checkpoints/10/commit_success.txt") for n in objects(gcs_server, out)):
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        wait_for_commit(gcs_server, out, proc, step=10)
         deleted = time.time()
         delete_bucket(gcs_server, bucket)
         output = proc.communicate(timeout=240)[0]
