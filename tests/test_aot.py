@@ -12,8 +12,9 @@ from conftest import ROOT
 from nanogpt_jax import targets
 from nanogpt_jax.errors import ConfigError
 
-if importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
-    pytest.skip("needs the TPU compiler: `make test` installs libtpu, sets TPU_LIBRARY_PATH", allow_module_level=True)
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"),
+    reason="needs the TPU compiler: `make test` installs libtpu, sets TPU_LIBRARY_PATH")
 
 
 @pytest.mark.parametrize("name,jax_name,devices,hbm_gib", [
@@ -24,6 +25,7 @@ if importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRAR
     ("v5p-8", "v5p:2x2x1", 4, 95),
     ("v6e:2x2", "v6e:2x2", 4, 32),
 ])
+@needs_libtpu
 def test_topologies(name, jax_name, devices, hbm_gib):
     topo = targets.topology(name)
     assert (topo.jax_name, len(topo.devices), topo.hbm_bytes) == (jax_name, devices, hbm_gib * 2**30)
@@ -44,6 +46,7 @@ def _aot_cli(*args, json_path):
                  JAX_PLATFORMS="cpu"))
 
 
+@needs_libtpu
 def test_a_step_that_does_not_fit_is_reported_and_exits_1(tmp_path):
     """gpt2-xl data parallel on v5e-8: 12 bytes of state per parameter alone are 17 GiB per 16 GiB chip.
     XLA refuses it quickly (before scheduling), so this is cheap."""
@@ -59,6 +62,7 @@ def test_a_step_that_does_not_fit_is_reported_and_exits_1(tmp_path):
     assert r["memory"] is None and not r["fits"] and r["estimate"]["total"] > 16 * 2**30
 
 
+@needs_libtpu
 @pytest.mark.slow
 def test_tiny_config_compiles_for_a_tpu_and_agrees_with_the_estimator(tmp_path):
     """The CLI on configs/tiny.py widened to TPU-friendly sizes (each chip's slice of a weight a
@@ -86,6 +90,7 @@ def test_tiny_config_compiles_for_a_tpu_and_agrees_with_the_estimator(tmp_path):
     assert 0.9 < 2 * r["flops"] / r["model_flops"] < 1.5
 
 
+@needs_libtpu
 def test_sweep_finds_the_largest_per_chip_batch_that_fits(tmp_path):
     """--sweep compiles each per-chip batch until one does not fit (a huge one, refused at once) and
     names the largest that fits, with the attention and loss that were compiled."""

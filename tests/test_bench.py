@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, tiny_run_config
+from conftest import ROOT, OutputReader, cli_env, one_error_line, run_cli, tiny_run_config
 
 from nanogpt_jax import bench, metrics
 from nanogpt_jax.bench import report
@@ -230,54 +230,45 @@ def test_batch_size_the_mesh_cannot_split(token_data, tmp_path):
 
 
 def test_cli_prints_the_table_and_one_line_errors(token_data, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "run_bench.py"), "--config", str(ROOT / "configs/tiny.py"),
-           f"--config.data.data_dir={token_data}", "--config.bench.mode=data", "--config.bench.batch_sizes=(8,)",
-           f"--config.bench.out={tmp_path / 'r.json'}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "| source | batch | block |" in proc.stdout and (tmp_path / "r.md").is_file()
-    proc = subprocess.run(cmd[:-1] + ["--config.bench.mode=fly"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
-        "error: bench.mode='fly': must be one of train, generate, data, profile"]
+    args = ["--config", str(ROOT / "configs/tiny.py"), f"--config.data.data_dir={token_data}",
+            "--config.bench.mode=data", "--config.bench.batch_sizes=(8,)"]
+    done = run_cli("run_bench.py", *args, f"--config.bench.out={tmp_path / 'r.json'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| source | batch | block |" in done.stdout and (tmp_path / "r.md").is_file()
+    done = run_cli("run_bench.py", *args, "--config.bench.mode=fly")
+    assert one_error_line(done) == "error: bench.mode='fly': must be one of train, generate, data, profile"
 
 
-def test_out_of_memory_is_one_line(token_data, tmp_path):
-    """Every entry point, not only run_train.py, reports XLA's RESOURCE_EXHAUSTED as one line."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "run_bench.py"), "--config", str(ROOT / "configs/tiny.py"),
-                           f"--config.data.data_dir={token_data}", "--config.mesh.data=1", "--config.bench.steps=1",
-                           "--config.train.batch_size=4194304", f"--config.bench.out={tmp_path / 'r.json'}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: out of device memory (RESOURCE_EXHAUSTED") and "bench.batch_sizes" in last, last
-    assert not (tmp_path / "r.json").exists()
-
+# XLA's RESOURCE_EXHAUSTED as one line: tests/test_oom.py::test_bench (injected, any machine)
 
 def test_ctrl_c_is_one_line(token_data, tmp_path):
-    """Ctrl-C while steps run: `error: interrupted`, exit 1, and no crash while the interpreter shuts
-    down under XLA's running computation (exit 139 in 2 of 6 tries before the CLI exited at once)."""
+    """Ctrl-C while steps are timed: `error: interrupted`, exit 1, and no crash while the interpreter shuts
+    down under XLA's running computation (exit 139 in 2 of 6 tries before the CLI exited at once). The
+    signal is sent once run_bench.py logs that its timed steps have begun, however long compiling took."""
     import signal
-    import time
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # a test run started in the background (`make test &`, nohup) ignores SIGINT, and a child inherits an
     # ignored signal; a handled one is reset to the default at exec: handle it here while starting the child
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "run_bench.py"), "--config", str(ROOT / "configs/tiny.py"),
-                                 f"--config.data.data_dir={token_data}", "--config.bench.steps=1000000",
-                                 f"--config.bench.out={tmp_path / 'r.json'}"],
-                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with open(tmp_path / "stdout", "w") as stdout:
+            proc = subprocess.Popen([sys.executable, str(ROOT / "run_bench.py"), "--config",
+                                     str(ROOT / "configs/tiny.py"), f"--config.data.data_dir={token_data}",
+                                     "--config.bench.steps=1000000",
+                                     f"--config.bench.out={tmp_path / 'r.json'}"],
+                                    cwd=ROOT, env=cli_env(), stdout=stdout, stderr=subprocess.PIPE, text=True)
     finally:
         signal.signal(signal.SIGINT, handler)
     try:
-        time.sleep(12)  # past the compile, into the timed steps
+        stderr = OutputReader(proc.stderr)
+        stderr.wait_for(r"train .*: compiled in [\d.]+ s; timing 1000000 steps", timeout=300)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        text = stderr.text(timeout=60)
     finally:
         proc.kill()  # never left running a million steps
-    assert proc.returncode == 1 and err.strip().splitlines()[-1] == "error: interrupted", err[-3000:]
-    assert "Fatal Python error" not in err and "Traceback" not in err
+        proc.wait(timeout=60)
+    assert proc.returncode == 1 and text.strip().splitlines()[-1] == "error: interrupted", text[-3000:]
+    assert "Fatal Python error" not in text and "Traceback" not in text
+    assert [line for line in text.splitlines() if line.startswith("error: ")] == ["error: interrupted"], text[-3000:]
+    assert (tmp_path / "stdout").read_text() == "" and not (tmp_path / "r.json").exists()

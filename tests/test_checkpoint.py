@@ -12,11 +12,12 @@ import glob
 import json
 import os
 import re
+import selectors
 import shutil
-import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +242,9 @@ def _child(mode: str, directory: str, *extra: str) -> None:
             print("MIDSAVE", flush=True)
             time.sleep(600)
 
+        # orbax's private hook, looked up at each commit: a rename upstream must fail here, not go unnoticed
+        assert callable(getattr(async_checkpointer, "_on_commit_callback", None)), \
+            "orbax has no async_checkpointer._on_commit_callback any more: the test cannot stop a save mid-commit"
         async_checkpointer._on_commit_callback = stuck
         ckpt.save(2, make_state(params, 2), record={}, val_loss=2.0)
         time.sleep(600)
@@ -283,17 +287,49 @@ def _spawn(mode: str, *args: str, devices: int) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _first_line(child: subprocess.Popen, timeout: float) -> tuple[str | None, str]:
+    """(the child's first line of stdout, its stderr so far) once the line is whole; (None, stderr) when the
+    child ends first or `timeout` seconds pass. Both pipes are drained, so a chatty stderr cannot block it."""
+    out, err, deadline = b"", b"", time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(child.stdout, selectors.EVENT_READ)
+        selector.register(child.stderr, selectors.EVENT_READ)
+        while b"\n" not in out and selector.get_map() and time.monotonic() < deadline:
+            for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                chunk = os.read(key.fd, 65536)  # the raw pipe: nothing is left in the text wrapper's buffer
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                elif key.fileobj is child.stdout:
+                    out += chunk
+                else:
+                    err += chunk
+    line = out.decode().partition("\n")[0] if b"\n" in out else None
+    return line, err.decode(errors="replace")
+
+
+def _communicate(children: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
+    """Every child's (stdout, stderr) once it ends, read from all of them at once (none can fill a pipe and
+    stall the others while one is read); TimeoutExpired after `timeout` seconds. The caller kills them."""
+    with ThreadPoolExecutor(len(children)) as pool:
+        return list(pool.map(lambda child: child.communicate(timeout=timeout), children))
+
+
+def _kill(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        child.kill()
+        child.communicate(timeout=60)  # a killed child's pipes close at once
+
+
 @pytest.mark.slow
 def test_killed_mid_save_keeps_the_last_good_checkpoint(tmp_path, params):
     d = tmp_path / "ckpt"
     child = _spawn("kill_mid_save", str(d), str(tmp_path / "step1.npz"), devices=1)
     try:
-        line = child.stdout.readline()
-        assert line.strip() == "MIDSAVE", child.stderr.read() if child.poll() is not None else line
-        child.send_signal(signal.SIGKILL)
+        line, err = _first_line(child, timeout=300)  # the child then sleeps 600 s: never wait on it unbounded
+        assert line == "MIDSAVE", f"no MIDSAVE line from the child in 300 s (exit status {child.poll()}): " \
+                                  f"{line!r}\n{err[-3000:]}"
     finally:
-        child.kill()
-        child.wait()
+        _kill([child])  # SIGKILL mid-commit
     assert glob.glob(str(d / "2.orbax-checkpoint-tmp*")), os.listdir(d)  # the half-written save is there...
     ckpt = Checkpointer(d)
     assert ckpt.latest_step() == 1 and ckpt.all_steps() == [1]  # ...and invisible
@@ -315,19 +351,16 @@ def test_killed_mid_save_keeps_the_last_good_checkpoint(tmp_path, params):
 @pytest.mark.slow
 def test_two_process_save_restores_in_one_process(tmp_path):
     """What a pod does: every process calls save on a global array; a laptop reads it back."""
-    import socket
+    from conftest import free_port  # here, not at the top: the children import this module, not conftest's set-up
 
     (tmp_path / "a_file").write_text("")
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     d, want = tmp_path / "ckpt", tmp_path / "want.npz"
     children = [_spawn("multihost_save", str(d), str(want), port, str(i), devices=4) for i in range(2)]
     try:
-        outs = [child.communicate(timeout=180) for child in children]
+        outs = _communicate(children, timeout=180)
     finally:
-        for child in children:
-            child.kill()
+        _kill(children)
     for child, (out, err) in zip(children, outs, strict=True):
         assert child.returncode == 0 and out.split()[-1:] == ["SAVED"], err[-3000:]  # after gloo's chatter
     assert sorted(p.name for p in (d / "2" / "state").glob("ocdbt.process_*")) == ["ocdbt.process_0",
@@ -386,7 +419,10 @@ def test_8_device_checkpoint_restores_on_4_devices_and_on_1(tmp_path, params, st
     # and in a process that has a single device, as a laptop resuming a pod's run would
     np.savez(tmp_path / "want.npz", **to_numpy(state3))
     child = _spawn("restore_1_device", str(d), str(tmp_path / "want.npz"), devices=1)
-    out, err = child.communicate(timeout=120)
+    try:
+        [(out, err)] = _communicate([child], timeout=120)
+    finally:
+        _kill([child])
     assert child.returncode == 0 and out.strip() == "RESTORED 3", err[-3000:]
 
 

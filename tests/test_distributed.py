@@ -145,14 +145,11 @@ def _final_params(out_dir, step):
 
 @pytest.mark.slow
 def test_two_processes_equal_one_then_sigterm_saves_one_step_and_resumes_in_one(token_data, tmp_path):
-    """The tiny run as 2 processes x 4 devices: its losses are those of 1 process x 8 devices; a
-    SIGTERM to process 1 alone makes both processes save the same step and exit 0; one process
-    resumes that checkpoint and ends where the uninterrupted 1-process run ends."""
-    n_steps = 30
-    common = {"train.log_interval": 1}
-    ref = tmp_path / "one_process"
-    train(tiny_run_config(token_data, ref, **{"train.max_iters": n_steps, **common}))
-
+    """The tiny run (dropout on) as 2 processes x 4 devices: its losses are those of 1 process x 8 devices;
+    a SIGTERM to process 1 alone makes both processes save the same step and exit 0; one process resumes
+    that checkpoint and ends where the uninterrupted 1-process run ends. The SIGTERM lands at whatever step
+    the run has reached past its checkpoint at 10; the 1-process reference is trained after, to match."""
+    common = {"train.log_interval": 1, "model.dropout": 0.1}
     out = tmp_path / "two_processes"
     # dtype auto: config validation must not start JAX's backend before jax.distributed.initialize
     procs = _launch_two_processes(token_data, out, **{"train.max_iters": 100_000, "model.dtype": "auto", **common})
@@ -173,26 +170,30 @@ def test_two_processes_equal_one_then_sigterm_saves_one_step_and_resumes_in_one(
     saved = [re.findall(r"saved step (\d+) after SIGTERM", output) for output in outputs]
     assert saved[0] and saved[0] == saved[1], saved  # one save, the same step, on both processes
     stop = int(saved[0][0])
-    assert 11 < stop < n_steps, f"stopped at step {stop}; the machine is too slow for this test's {n_steps} steps"
+    assert stop > 11, stop
     with Checkpointer(checkpoint_dir(out), read_only=True) as ckpt:
-        assert ckpt.all_steps()[-2:] == [10, stop]
+        assert ckpt.all_steps()[-1] == stop  # the SIGTERM save
     assert {p.name for p in (checkpoint_dir(out) / str(stop) / "state").glob("ocdbt.process_*")} == {
         "ocdbt.process_0", "ocdbt.process_1"}  # each process wrote its own shards
 
+    # the reference: one process, 8 devices, on to the next evaluation after the stop and one more
+    n_steps = 10 * (stop // 10) + 20
+    ref = tmp_path / "one_process"
+    train(tiny_run_config(token_data, ref, **{"train.max_iters": n_steps, **common}))
     ref_loss, ref_val = _by_step(ref, "train/loss"), _by_step(ref, "val/loss")
     assert loggers.read_metrics(out)["step"].count(1) == 1  # one writer: no step logged twice
     loss, val = _by_step(out, "train/loss"), _by_step(out, "val/loss")
     # the step the stop lands on is evaluated first when it is an evaluation step (eval_interval 10)
     assert sorted(loss) == list(range(stop)) and sorted(val) == list(range(0, stop + 1, 10))
     np.testing.assert_allclose([loss[s] for s in range(stop)], [ref_loss[s] for s in range(stop)], rtol=1e-5)
-    np.testing.assert_allclose([val[0], val[10]], [ref_val[0], ref_val[10]], rtol=1e-5)
+    np.testing.assert_allclose([val[s] for s in sorted(val)], [ref_val[s] for s in sorted(val)], rtol=1e-5)
 
     summary = train(tiny_run_config(token_data, out, **{"init_from": "resume", "train.max_iters": n_steps, **common}))
     assert summary["iterations"] == n_steps
     loss, val = _by_step(out, "train/loss"), _by_step(out, "val/loss")
-    assert sorted(loss) == list(range(n_steps)) and sorted(val) == [0, 10, 20, 30]
+    assert sorted(loss) == list(range(n_steps)) and sorted(val) == list(range(0, n_steps + 1, 10))
     np.testing.assert_allclose([loss[s] for s in range(n_steps)], [ref_loss[s] for s in range(n_steps)], rtol=1e-5)
-    np.testing.assert_allclose([val[s] for s in (20, 30)], [ref_val[s] for s in (20, 30)], rtol=1e-5)
+    np.testing.assert_allclose([val[s] for s in sorted(val)], [ref_val[s] for s in sorted(val)], rtol=1e-5)
     got, want = _final_params(out, n_steps), _final_params(ref, n_steps)
     for layer in ("h_0", "h_1"):
         # The key bias's gradient is zero in exact arithmetic (a constant added to every key leaves the softmax

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -300,7 +301,40 @@ def hf_folder(tmp_path_factory):
     return folder, hf.eval()  # no dropout
 
 
-def test_an_hf_folder_on_text_and_hellaswag_matches_transformers_loss(hf_folder, tmp_path):
+N_HELLASWAG = 12
+
+
+def _hellaswag_by_transformers(hf, cache_dir, n: int, block_size: int) -> dict:
+    """HellaSwag's three accuracies computed independently of our scorer: tiktoken's GPT-2 BPE, each row
+    context + " " + ending cut from the left to block_size + 1 tokens, transformers' logits, the summed
+    NLL of the ending's tokens, then the argmin by sum, by sum per token, by sum per character."""
+    import tiktoken
+    import torch
+
+    enc = tiktoken.get_encoding("gpt2")
+    hits = np.zeros(3)
+    lines = (Path(cache_dir) / "hellaswag" / "hellaswag_val.jsonl").read_text().splitlines()  # fetched by the run
+    for ex in map(json.loads, lines[:n]):
+        ctx = enc.encode(ex["ctx"])
+        sums, n_tokens, n_chars = [], [], []
+        for ending in ex["endings"]:
+            end = enc.encode(" " + ending)
+            row = (ctx + end)[-(block_size + 1):]
+            scored = min(len(end), block_size)
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(torch.tensor([row[:-1]])).logits[0].double(), -1)
+            targets = torch.tensor(row[1:])
+            nll = -logp[torch.arange(len(targets)), targets][-scored:].sum().item()
+            sums.append(nll), n_tokens.append(scored), n_chars.append(len(ending))
+        sums = np.array(sums)
+        picks = (np.argmin(sums), np.argmin(sums / n_tokens), np.argmin(sums / n_chars))
+        hits += [p == int(ex["label"]) for p in picks]
+    return dict(zip(("acc", "acc_norm_token", "acc_norm_char"), (h / n for h in hits), strict=True))
+
+
+def test_an_hf_folder_on_text_and_hellaswag_match_transformers(hf_folder, tmp_path):
+    """A random HF GPT-2 folder: the text task's loss equals transformers' own, and HellaSwag's three
+    accuracies equal an independent computation with transformers' logits (no code of ours in it)."""
     import torch
 
     folder, hf = hf_folder
@@ -308,7 +342,8 @@ def test_an_hf_folder_on_text_and_hellaswag_matches_transformers_loss(hf_folder,
     (tmp_path / "fox.txt").write_text(text)
     c = tiny_run_config(tmp_path / "no-data", tmp_path, **{
         "init_from": str(folder), "eval.tasks": ("text", "hellaswag"), "eval.text_path": str(tmp_path / "fox.txt"),
-        "eval.max_examples": 5, "eval.cache_dir": str(tmp_path / "cache"), "eval.out": str(tmp_path / "r.json")})
+        "eval.max_examples": N_HELLASWAG, "eval.cache_dir": str(tmp_path / "cache"),
+        "eval.out": str(tmp_path / "r.json")})
     report = evaluate.run(c)  # params placed on the 8-device mesh as they are read
     ids = tokenizer.gpt2().encode(text)
     assert len(ids) < 32  # one window: transformers' mean loss over ids[1:] is the oracle
@@ -318,8 +353,10 @@ def test_an_hf_folder_on_text_and_hellaswag_matches_transformers_loss(hf_folder,
     assert r["tokens"] == len(ids) - 1 and r["loss"] == pytest.approx(expected, abs=1e-5)
     assert r["bytes"] == len(text.encode()) - len(tokenizer.gpt2().decode(ids[:1]).encode())
     hs = report["tasks"]["hellaswag"]
-    assert hs["examples"] == 5 and set(report["metrics"]) >= {"eval/hellaswag/acc", "eval/hellaswag/acc_norm_token",
-                                                             "eval/hellaswag/acc_norm_char"}
+    assert hs["examples"] == N_HELLASWAG and set(report["metrics"]) >= {
+        "eval/hellaswag/acc", "eval/hellaswag/acc_norm_token", "eval/hellaswag/acc_norm_char"}
+    want = _hellaswag_by_transformers(hf, tmp_path / "cache", N_HELLASWAG, block_size=32)
+    assert {m: hs[m] for m in want} == want, (hs, want)
     assert report["model"]["source"] == str(folder) and report["model"]["tokenizer"] == "gpt2"
     # the model that ran (the folder's 1 x 16 shape), not configs/tiny.py's 2 x 32, wherever the report says
     for shape in (report["model"]["config"], report["config"]["model"]):

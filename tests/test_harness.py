@@ -129,6 +129,34 @@ def test_harness_acc_and_acc_norm_equal_our_hellaswag_on_a_random_and_a_trained_
     assert ours["acc"] != 0.25  # the trained model is not at chance on every metric: the test can tell
 
 
+def test_loglikelihood_equals_a_direct_forward_of_each_row(trained_lm, task_dir):
+    """The test above compares two consumers of one scorer; this pins the scorer itself: the log-likelihood
+    (and greedy flag) the harness gets for HellaSwag requests equals a plain full forward of each row
+    (context + continuation cut from the left to block_size + 1 tokens), log-softmax in float64."""
+    from lm_eval.api.instance import Instance
+
+    from nanogpt_jax.model import GPT
+
+    lm = trained_lm
+    pairs = []
+    for ex in task_dir[1][:3]:
+        context, endings = hellaswag.harness_text(ex)
+        pairs += [(context, " " + e) for e in endings]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    params, B = jax.device_get(lm.params), lm.block_size
+    for (context, continuation), (loglik, greedy) in zip(pairs, got, strict=True):
+        ctx = lm.tok.encode(context)
+        cont = lm.tok.encode(context + continuation)[len(ctx):]  # the harness's split of the pair
+        row = (ctx + cont)[-(B + 1):]
+        logits = np.asarray(lm.model.apply({"params": params}, np.array([row[:-1]]), method=GPT.predict), np.float64)
+        logp = logits[0] - logits[0].max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        n = min(len(cont), B)
+        targets = np.array(row[1:])[-n:]
+        assert loglik == pytest.approx(logp[-n:][np.arange(n), targets].sum(), rel=1e-5, abs=1e-4)
+        assert greedy == bool((logp[-n:].argmax(-1) == targets).all())
+
+
 @pytest.mark.slow
 def test_run_eval_reports_harness_tasks_beside_ours(task_dir, manager, gpt2_run, tmp_path):
     run, data_dir = gpt2_run

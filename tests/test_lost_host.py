@@ -77,7 +77,10 @@ def _wait_for(condition, procs, timeout=240.0) -> None:
         if condition():
             return
         if any(p.poll() is not None for p in procs):
-            raise AssertionError("a process ended early:\n" + "\n".join(p.communicate()[0][-3000:] for p in procs))
+            for p in procs:  # the others may still be running: their output is complete once they are killed
+                p.kill()
+            raise AssertionError("a process ended early:\n" + "\n".join(p.communicate(timeout=60)[0][-3000:]
+                                                                          for p in procs))
         time.sleep(0.1)
     raise AssertionError("timed out")
 
@@ -203,14 +206,14 @@ def test_a_save_that_fails_on_one_process_ends_both_in_one_line(token_data, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+@pytest.mark.skipif(os.geteuid() != 0, reason="environment: mounting a small tmpfs needs root")
 def test_a_full_disk_ends_both_processes_in_one_line(token_data, tmp_path):
     """out_dir on a 4 MiB tmpfs, filled once checkpoint 10 is committed: both processes exit 1 with one
     line, and checkpoint 10 is intact."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)]).returncode:
-        pytest.skip("cannot mount a tmpfs here")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], timeout=60).returncode:
+        pytest.skip("environment: cannot mount a tmpfs here")
     try:
         out = disk / "run"
         procs = _launch(token_data, out)
@@ -230,4 +233,4 @@ def test_a_full_disk_ends_both_processes_in_one_line(token_data, tmp_path):
         (disk / "filler").unlink()
         assert 10 in _committed(out)
     finally:
-        subprocess.run(["umount", "-l", str(disk)])
+        subprocess.run(["umount", "-l", str(disk)], timeout=60)

@@ -71,7 +71,10 @@ def test_bf16_compute_returns_fp32_logits(tiny_config, tiny_params):
     logits = lm.predict(idx)
     assert logits.dtype == jnp.float32
     ref = GPT(tiny_config).bind({"params": tiny_params}).predict(idx)
-    np.testing.assert_allclose(logits, ref, atol=0.05)  # bf16 rounding, not a different function
+    # bf16 keeps 8 significant bits (relative rounding 2**-8): its logits are float32's up to a few
+    # roundings of the logits' scale (measured: max 0.0018 on logits of std 0.12), and not exactly equal
+    error = float(np.abs(np.asarray(logits) - np.asarray(ref)).max())
+    assert 0 < error < 8 * 2**-8 * float(np.std(ref)), (error, float(np.std(ref)))
 
 
 def stack_layers(params, n_layer):

@@ -1,5 +1,6 @@
 """data_prep: Shakespeare (char and BPE) from the offline mirror, any text, OpenWebText from a local HF dataset."""
 
+import importlib.util
 import json
 import os
 import random
@@ -202,14 +203,20 @@ def test_a_failed_run_leaves_the_previous_data_intact(tmp_path):
 
 # ---- OpenWebText from a local Hugging Face dataset ----------------------------------------------
 
-datasets = pytest.importorskip("datasets")
+# Hugging Face datasets: the `datasets` extra (in the dev extra `make test` installs). Only the tests marked
+# needs_datasets use it; the module's other tests run without it.
+datasets = importlib.import_module("datasets") if importlib.util.find_spec("datasets") else None
+needs_datasets = pytest.mark.skipif(datasets is None, reason="needs Hugging Face datasets: pip install "
+                                    "'nanogpt_jax[datasets]' (`make test` installs it with the dev extra)")
 DOCS = [f"Document {i}: " + "the weather and the sea. " * (i % 9) + ("<|endoftext|> in the text" if i % 5 == 0 else "")
         for i in range(300)]
 
 
 @pytest.fixture(autouse=True)
 def hf_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    """datasets' cache in the test's folder, never in ~/.cache."""
+    if datasets is not None:
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +239,7 @@ def owt(source: Path | str, out: Path, **kw) -> dict:
     return openwebtext.prepare_openwebtext(out, dataset=str(source), **kw)
 
 
+@needs_datasets
 def test_openwebtext_is_nanogpts_recipe(saved, tmp_path):
     meta = owt(saved, tmp_path / "out")
     expected = nanogpt_owt(DOCS, 0.05)
@@ -245,6 +253,7 @@ def test_openwebtext_is_nanogpts_recipe(saved, tmp_path):
     assert data.Dataset(tmp_path / "out", block_size=16).vocab_size == 50257
 
 
+@needs_datasets
 def test_openwebtext_worker_processes_give_the_same_bytes(saved, tmp_path):
     owt(saved, tmp_path / "one")
     owt(saved, tmp_path / "two", num_proc=2)
@@ -252,6 +261,7 @@ def test_openwebtext_worker_processes_give_the_same_bytes(saved, tmp_path):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
+@needs_datasets
 def test_openwebtext_resumes_after_an_interruption(saved, tmp_path, monkeypatch):
     owt(saved, tmp_path / "clean")
     out, real, seen = tmp_path / "out", openwebtext.encode_documents, []
@@ -278,6 +288,7 @@ def test_openwebtext_resumes_after_an_interruption(saved, tmp_path, monkeypatch)
     assert listing(out) == ["meta.json", "train.bin", "val.bin"]
 
 
+@needs_datasets
 def test_openwebtext_changed_settings_or_damaged_files_start_over(saved, tmp_path, monkeypatch):
     real, calls = openwebtext.encode_documents, []
 
@@ -305,6 +316,7 @@ def test_openwebtext_changed_settings_or_damaged_files_start_over(saved, tmp_pat
         assert (tmp_path / "out2" / f"{split}.bin").read_bytes() == expected
 
 
+@needs_datasets
 def test_openwebtext_local_files(tmp_path):
     ds = datasets.Dataset.from_dict({"body": DOCS})
     ds.to_json(str(tmp_path / "docs.jsonl"))
@@ -318,6 +330,7 @@ def test_openwebtext_local_files(tmp_path):
     assert tokens.count(EOT) == 50  # a .txt file is one document
 
 
+@needs_datasets
 def test_openwebtext_bad_sources(saved, tmp_path):
     with pytest.raises(DataError, match="cannot load dataset 'no-such/dataset' .*offline, pass --dataset") as e:
         owt("no-such/dataset", tmp_path / "o")  # an unknown name (HF_HUB_OFFLINE=1 in tests)
@@ -343,6 +356,12 @@ def script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+def assert_fails_in_one_line(name: str, args: list[str], message: str, cwd: Path) -> None:
+    r = script(name, *args, cwd=cwd)
+    assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith(f"error: {message}"), (name, r.stderr)
+    assert "Traceback" not in r.stderr
+
+
 def test_scripts_write_the_default_folder_and_fail_in_one_line(tmp_path, shakespeare_char_dir):
     r = script("shakespeare_char", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -354,12 +373,17 @@ def test_scripts_write_the_default_folder_and_fail_in_one_line(tmp_path, shakesp
         ("shakespeare", ["--out_dir", "file/sub"], "cannot write --out_dir file/sub: file is a file"),
         ("text", ["--inputs", "nope/*.txt"], "input 'nope/*.txt' matches no file"),
         ("text", ["--tokenizer", "bpe"], "flag --tokenizer=bpe: value should be one of"),
-        ("openwebtext", ["--dataset", "no-such-dataset"], "cannot load dataset 'no-such-dataset'"),
-        ("openwebtext", ["--files", "nope.parquet"], "input 'nope.parquet' matches no file; check --files"),
     ]:
-        r = script(name, *args, cwd=tmp_path)
-        assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith(f"error: {message}"), (name, r.stderr)
-        assert "Traceback" not in r.stderr
+        assert_fails_in_one_line(name, args, message, cwd=tmp_path)
+
+
+@needs_datasets
+def test_openwebtext_script_fails_in_one_line(tmp_path):
+    for args, message in [
+        (["--dataset", "no-such-dataset"], "cannot load dataset 'no-such-dataset'"),
+        (["--files", "nope.parquet"], "input 'nope.parquet' matches no file; check --files"),
+    ]:
+        assert_fails_in_one_line("openwebtext", args, message, cwd=tmp_path)
 
 
 # ---- the downloader ------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ save ends the run within seconds with the last good checkpoint intact.
 """
 
 import hashlib
-import os
 import re
 import shutil
 import subprocess
@@ -15,31 +14,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, make_unwritable, tiny_run_config
+from conftest import ROOT, cli_env, free_port, make_unwritable, one_error_line, run_cli, tiny_run_config
 
-from nanogpt_jax import loggers
+from nanogpt_jax import loggers, storage
 from nanogpt_jax.checkpoint import Checkpointer
 from nanogpt_jax.errors import UserError
-from nanogpt_jax.train import checkpoint_dir, train
-
-
-def cli_env(devices: int = 8, **extra) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=str(ROOT),
-                JAX_PLATFORMS="cpu", **extra)
+from nanogpt_jax.train import RUN_FILES, checkpoint_dir, train
 
 
 def run_train_cli(data_dir, out_dir, *args, env=None, **overrides):
     items = {"data.data_dir": data_dir, "out_dir": out_dir, **overrides}
-    return subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--config", str(ROOT / "configs/tiny.py"),
-                           *[f"--config.{k}={v}" for k, v in items.items()], *args],
-                          cwd=ROOT, env=env or cli_env(), capture_output=True, text=True, timeout=600)
-
-
-def one_error_line(done) -> str:
-    assert done.returncode == 1, done.stderr[-3000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
-    return lines[0]
+    return run_cli("run_train.py", "--config", str(ROOT / "configs/tiny.py"),
+                   *[f"--config.{k}={v}" for k, v in items.items()], *args, env=env)
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -70,17 +56,65 @@ def test_the_same_command_again_leaves_every_file_and_compiles_nothing(token_dat
     assert snapshot(out) == before
 
 
+def _write_run_file(out, name: str) -> None:
+    """One of train.RUN_FILES as a run leaves it (TensorBoard's is a folder of event files); `out` is a
+    local folder or a gs:// URL."""
+    content = {"metrics.csv": "step,train/loss\n0,4.0\n", "summary.json": '{"iterations": 3}',
+               "loss.png": b"\x89PNG\r\n\x1a\n", loggers.TB_DIR: b"events"}[name]
+    target = storage.path(storage.join(str(out), name))
+    if name == loggers.TB_DIR:
+        target = target / "events.out.tfevents.1.host"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
+
+
+def _bucket_snapshot(server, url: str) -> dict[str, str]:
+    """Every object under `url` (name -> MD5 and generation), asked of the server directly."""
+    import json
+    import urllib.request
+
+    bucket, _, prefix = url.removeprefix("gs://").partition("/")
+    with urllib.request.urlopen(f"{server.url}/storage/v1/b/{bucket}/o?prefix={prefix}") as r:
+        return {o["name"]: f"{o['md5Hash']} {o['generation']}" for o in json.load(r).get("items", [])}
+
+
+@pytest.mark.parametrize("name", RUN_FILES)
 @pytest.mark.parametrize("init_from", ["scratch", "resume"])
-def test_the_logs_of_a_run_killed_before_its_first_checkpoint_are_kept(token_data, tmp_path, init_from):
+def test_the_logs_of_a_run_killed_before_its_first_checkpoint_are_kept(token_data, tmp_path, init_from, name):
+    """Any one run file without a checkpoint (a run killed before its first save) refuses both a new run
+    and a resume, in one message naming the file and the way out, and nothing in the folder changes."""
     out = tmp_path / "logs_only"
     (out / "checkpoints").mkdir(parents=True)  # a SIGKILL leaves the folder the checkpointer made
-    (out / "metrics.csv").write_text("step,train/loss\n0,4.0\n")
+    _write_run_file(out, name)
     before = snapshot(out)
     # one message for both ways in, naming the way out (not "resume" from scratch and "scratch" from resume)
-    with pytest.raises(UserError, match=r"holds the logs of a run that saved no checkpoint \(metrics.csv\); it "
-                                        r"cannot be resumed: delete the folder \(rm -r .*logs_only\)"):
+    with pytest.raises(UserError, match=rf"holds the logs of a run that saved no checkpoint \({re.escape(name)}\); "
+                                        r"it cannot be resumed: delete the folder \(rm -r .*logs_only\)"):
         train(tiny_run_config(token_data, out, init_from=init_from))
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("name", RUN_FILES)
+def test_a_new_run_into_a_folder_with_a_checkpoint_and_any_run_file_is_refused(token_data, finished_run, tmp_path,
+                                                                             name):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run / "checkpoints", out / "checkpoints")
+    _write_run_file(out, name)
+    before = snapshot(out)
+    with pytest.raises(UserError, match=rf"already holds a run \(checkpoint step 20, {re.escape(name)}\); continue"):
+        train(tiny_run_config(token_data, out))
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("name", RUN_FILES)
+def test_a_bucket_out_dir_with_any_run_file_is_refused_and_left_alone(gcs_server, token_data, name):
+    out = f"{gcs_server()}/run"
+    _write_run_file(out, name)
+    before = _bucket_snapshot(gcs_server, out)
+    assert before
+    with pytest.raises(UserError, match=rf"holds the logs of a run that saved no checkpoint \({re.escape(name)}\)"):
+        train(tiny_run_config(token_data, out))
+    assert _bucket_snapshot(gcs_server, out) == before
 
 
 def test_a_resume_with_nothing_left_to_train_writes_nothing(token_data, finished_run, tmp_path):

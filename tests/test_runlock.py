@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, OutputReader
 
 from nanogpt_jax import runlock
 from nanogpt_jax.errors import UserError
@@ -28,7 +28,11 @@ time.sleep(600)
 def _hold_in_another_process(out_dir) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert proc.stdout.readline().strip() == "held"
+    try:
+        OutputReader(proc.stdout).wait_for("^held$", timeout=120)
+    except BaseException:
+        proc.kill()
+        raise
     return proc
 
 
@@ -43,7 +47,7 @@ def test_a_local_folder_is_held_by_one_process_and_freed_when_it_dies(tmp_path):
         assert "started 20" in line and "choose another --config.out_dir" in line and "\n" not in line
     finally:
         holder.send_signal(signal.SIGKILL)  # no clean-up runs: the kernel frees the lock
-        holder.wait()
+        holder.wait(30)
     with RunLock(out) as lock:  # the dead run's lock file is still there, and no obstacle
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
         with pytest.raises(UserError, match="is in use by the run of pid"):
@@ -68,7 +72,7 @@ def test_a_run_into_a_held_folder_is_refused_before_it_compiles(token_data, tmp_
         assert "compile" not in done.stdout + done.stderr  # refused before the first step
     finally:
         holder.send_signal(signal.SIGKILL)
-        holder.wait()
+        holder.wait(30)
     runlock.check_free(out)  # the dead run's lock file is no obstacle
     RunLock(out).acquire()
 

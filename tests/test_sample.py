@@ -1,14 +1,10 @@
 """run_sample.py: GPT-2-format weights from a local HF folder, a training run's checkpoint, prompts, errors."""
 
-import subprocess
-import sys
-
 import pytest
-from conftest import ROOT, tiny_run_config
+from conftest import ROOT, cli_env, one_error_line, run_cli, tiny_run_config
 
 from nanogpt_jax import sample
 from nanogpt_jax.errors import CheckpointError, ConfigError, UserError
-from nanogpt_jax.train import train
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +19,8 @@ def hf_folder(tmp_path_factory):
     return folder
 
 
-def run_sample(*args, env=None):
-    import os
-
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "run_sample.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+def run_sample(*args, **env):
+    return run_cli("run_sample.py", *args, env=cli_env(devices=1, **env))
 
 
 @pytest.mark.slow
@@ -41,10 +33,8 @@ def test_run_sample_on_a_local_hf_folder_streams_text(hf_folder):
     assert done.stdout.count("Hello, I am") == 2 and "---------------" in done.stdout  # both samples
 
 
-def test_sample_from_a_training_run_uses_the_data_tokenizer(token_data, tmp_path):
-    out = tmp_path / "run"
-    train(tiny_run_config(token_data, out, **{"train.max_iters": 10}))
-    c = tiny_run_config(token_data, out, init_from="resume")
+def test_sample_from_a_training_run_uses_the_data_tokenizer(token_data, char_eval_run, tmp_path):
+    c = tiny_run_config(token_data, char_eval_run, init_from="resume")  # reads the shared run (conftest), read-only
     c.sample.update(prompt="ABCDE", num_samples=3, max_new_tokens=20, temperature=0.0)
 
     class Capture:
@@ -78,8 +68,6 @@ def test_sample_errors(token_data, tmp_path):
 
 @pytest.mark.slow
 def test_offline_gpt2_without_weights_is_one_line(tmp_path):
-    done = run_sample("--config", str(ROOT / "configs/gpt2.py"),
-                      env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")})
-    assert done.returncode == 1
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "HF_HOME" in lines[0], done.stderr[-2000:]
+    done = run_sample("--config", str(ROOT / "configs/gpt2.py"), HF_HUB_OFFLINE="1",
+                      HF_HOME=str(tmp_path / "empty-hf-home"))
+    assert "HF_HOME" in one_error_line(done)

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_run_config
+from conftest import ROOT, OutputReader, cli_env, one_error_line, run_cli, tiny_run_config
 
 from nanogpt_jax import loggers
 from nanogpt_jax.checkpoint import Checkpointer
@@ -21,16 +21,8 @@ from nanogpt_jax.errors import CheckpointError, ConfigError, DataError, UserErro
 from nanogpt_jax.train import checkpoint_dir, train
 
 
-def cli_env(devices: int = 8) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["PYTHONPATH"] = str(ROOT)
-    return env
-
-
 def run_train_cli(*args, devices=8, **kwargs):
-    return subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--config", str(ROOT / "configs/tiny.py"),
-                           *args], cwd=ROOT, env=cli_env(devices), capture_output=True, text=True, **kwargs)
+    return run_cli("run_train.py", "--config", str(ROOT / "configs/tiny.py"), *args, devices=devices, **kwargs)
 
 
 def cli_args(data_dir, out_dir, **overrides) -> list[str]:
@@ -51,10 +43,16 @@ def restore_params(out_dir, step_=None):
     return jax.tree.map(np.asarray, params)
 
 
+# Dropout on in the reference run and in every run compared with it: a resume must draw the masks the
+# uninterrupted run drew (their keys are fold_in(key(seed), step)).
+DROPOUT = {"model.dropout": 0.1}
+
+
 @pytest.fixture(scope="module")
 def tiny_run(token_data, tmp_path_factory):
+    """The tiny config for 20 steps, dropout 0.1: checkpoints at 10 and 20, evaluations at 0, 10, 20."""
     out = tmp_path_factory.mktemp("run")
-    summary = train(tiny_run_config(token_data, out))
+    summary = train(tiny_run_config(token_data, out, **DROPOUT))
     return out, summary
 
 
@@ -106,8 +104,8 @@ def test_tensorboard_events_read_back(tiny_run):
 def test_resume_in_process_is_bit_identical(token_data, tmp_path, tiny_run):
     ref_out, _ = tiny_run
     out = tmp_path / "resumed"
-    train(tiny_run_config(token_data, out, **{"train.max_iters": 10}))
-    train(tiny_run_config(token_data, out, **{"init_from": "resume"}))
+    train(tiny_run_config(token_data, out, **{"train.max_iters": 10, **DROPOUT}))
+    train(tiny_run_config(token_data, out, **{"init_from": "resume", **DROPOUT}))
     for a, b in zip(jax.tree.leaves(restore_params(out)), jax.tree.leaves(restore_params(ref_out)), strict=True):
         np.testing.assert_array_equal(a, b)
     assert loggers.read_metrics(out)["train/loss"] == loggers.read_metrics(ref_out)["train/loss"]
@@ -115,24 +113,35 @@ def test_resume_in_process_is_bit_identical(token_data, tmp_path, tiny_run):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(token_data, tmp_path, tiny_run):
-    ref_out, _ = tiny_run
+    """A run killed (SIGKILL) once checkpoint 10 is on disk, at whatever step it had reached, resumes from its
+    last checkpoint and ends bit for bit where the uninterrupted run does, logging each step once."""
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "run_train.py"), "--config", str(ROOT / "configs/tiny.py"),
-                             *cli_args(token_data, out)], cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (checkpoint_dir(out) / "10").is_dir() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    done = run_train_cli(*cli_args(token_data, out, init_from="resume"))
+                             *cli_args(token_data, out, **{"train.max_iters": 100_000, **DROPOUT})], cwd=ROOT,
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (checkpoint_dir(out) / "10").is_dir() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    with Checkpointer(checkpoint_dir(out), read_only=True) as ckpt:
+        killed_at = ckpt.latest_step()
+    n_steps = killed_at + 10  # one more checkpoint interval past the last checkpoint the killed run committed
+    ref_out = tiny_run[0]
+    if n_steps != 20:  # a machine fast enough to pass checkpoint 20 before the kill: a reference that long
+        ref_out = tmp_path / "reference"
+        train(tiny_run_config(token_data, ref_out, **{"train.max_iters": n_steps, **DROPOUT}))
+    done = run_train_cli(*cli_args(token_data, out, init_from="resume", **{"train.max_iters": n_steps, **DROPOUT}))
     assert done.returncode == 0, done.stderr[-2000:]
     for a, b in zip(jax.tree.leaves(restore_params(out)), jax.tree.leaves(restore_params(ref_out)), strict=True):
         np.testing.assert_array_equal(a, b)
     got, want = loggers.read_metrics(out), loggers.read_metrics(ref_out)
     assert got["train/loss"] == want["train/loss"]
-    assert got["step"] == want["step"]  # the rows the killed run logged past step 10 are not repeated
+    assert got["step"] == want["step"]  # the rows the killed run logged past its checkpoint are not repeated
 
 
 @pytest.mark.slow
@@ -168,15 +177,16 @@ def test_two_quick_ctrl_cs_stop_at_once(token_data, tmp_path):
                              *cli_args(token_data, out, **{"train.max_iters": 100_000, "train.eval_interval": 50_000,
                                                            "train.log_interval": 1, "train.batch_size": 512})],
                             cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if re.search(r"step 2/100000 \| loss", line):
-            break
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    output = "".join(lines) + proc.communicate(timeout=240)[0]
+    try:
+        stdout = OutputReader(proc.stdout)
+        stdout.wait_for(r"step 2/100000 \| loss", timeout=240)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=240)
+        output = stdout.text(timeout=60)
+    finally:
+        proc.kill()
     assert proc.returncode == 1 and output.strip().splitlines()[-1] == "error: interrupted", output[-2000:]
     assert "Traceback" not in output, output[-2000:]
 
@@ -270,6 +280,8 @@ def test_unwritable_out_dir(token_data, tmp_path):
 
 
 def test_truncated_checkpoint_is_a_one_line_error(token_data, tmp_path, tiny_run):
+    """Checkpoint 20's state files cut in half (a disk that filled, a copy interrupted): resuming it is a
+    CheckpointError in the library and one line through the CLI, naming the step and the folder."""
     import shutil
 
     out = tmp_path / "trunc"
@@ -278,8 +290,13 @@ def test_truncated_checkpoint_is_a_one_line_error(token_data, tmp_path, tiny_run
     for p in damaged:
         if "state" in str(p):
             p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(CheckpointError):  # max_iters past the checkpoint: the resume reads it
-        train(tiny_run_config(token_data, out, init_from="resume", **{"train.max_iters": 30}))
+        train(tiny_run_config(token_data, out, init_from="resume", **{"train.max_iters": 30, **DROPOUT}))
+    line = one_error_line(run_train_cli(*cli_args(token_data, out, init_from="resume",
+                                                  **{"train.max_iters": 30, **DROPOUT})))
+    assert "20" in line and str(out / "checkpoints") in line, line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing written or removed
 
 
 @pytest.mark.slow
@@ -291,25 +308,13 @@ def test_truncated_checkpoint_is_a_one_line_error(token_data, tmp_path, tiny_run
     (["--config.train.batch_size=0"], r"train.batch_size=0: must be > 0"),
 ])
 def test_cli_errors_are_one_line(args, message, tmp_path):
-    done = run_train_cli(f"--config.out_dir={tmp_path / 'out'}", *args)
-    assert done.returncode == 1
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
-    import re
-
-    assert re.search(message, lines[0]), lines[0]
-
-
-def _one_error_line(done) -> str:
-    assert done.returncode == 1, done.stderr[-2000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
-    return lines[0]
+    line = one_error_line(run_train_cli(f"--config.out_dir={tmp_path / 'out'}", *args))
+    assert re.search(message, line), line
 
 
 def test_cli_resume_without_a_checkpoint_is_one_line_and_writes_nothing(token_data, tmp_path):
     out = tmp_path / "never_trained"
-    line = _one_error_line(run_train_cli(*cli_args(token_data, out, init_from="resume")))
+    line = one_error_line(run_train_cli(*cli_args(token_data, out, init_from="resume")))
     assert "init_from=resume: no checkpoint in" in line and not out.exists()
 
 
@@ -323,11 +328,7 @@ def test_cli_resume_without_a_checkpoint_is_one_line_and_writes_nothing(token_da
     (["--config", "configs/tiny.py", "--config.train.batch_size=abc"], r"'abc'$"),
 ])
 def test_cli_config_file_and_flag_errors_are_one_line(args, message, tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "run_train.py"), *args], cwd=ROOT, env=cli_env(),
-                          capture_output=True, text=True)
-    import re
-
-    line = _one_error_line(done)
+    line = one_error_line(run_cli("run_train.py", *args))
     assert re.search(message, line) and "Traceback" not in line, line
 
 

@@ -153,6 +153,9 @@ def train_row(config: ConfigDict, batch_size: int) -> dict[str, Any]:
     try:
         [first_s], [loss_first] = run_steps(s, 0, 1)
         run_steps(s, 1, config.bench.warmup)
+        # a long sweep's rows take minutes: say which one is being timed (and that compiling is over)
+        logging.info("train %s: compiled in %.1f s; timing %d steps", report.label({"settings": s.settings}),
+                     s.compile_s, config.bench.steps)
         times, losses = run_steps(s, 1 + config.bench.warmup, config.bench.steps)
     finally:
         s.close()
