@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
@@ -422,6 +423,11 @@ class _Run:
         # On every process, since listing checkpoints is collective in orbax (process 0 alone hung a
         # 2-process resume); a refused lock ends the others through distributed.fail_everywhere.
         self._check_folder_unchanged()
+        if jax.process_count() > 1:
+            # Every process has looked before process 0 creates checkpoints/: one that looked after would see
+            # the folder and list it through orbax (a collective) while process 0, which saw none, waited in
+            # the next one (the checkpointer's write check): a deadlock.
+            multihost_utils.sync_global_devices("nanogpt_jax: out_dir checked")
         self.ckpt.close()
         self.ckpt = Checkpointer(checkpoint_dir(self.out_dir), keep=c.train.keep_checkpoints)
         self.logger = loggers.MetricLogger(self.out_dir, tensorboard=c.log.tensorboard, csv=c.log.csv,

@@ -55,6 +55,23 @@ runpy.run_path("run_train.py", run_name="__main__")
 """
 
 
+# Process 1 reaches the folder check of its first save a few seconds after process 0: process 0 has by then
+# created checkpoints/, which it did not see, so process 1 would list it (a collective in orbax) while process
+# 0 waits in another collective (a deadlock seen in CI, about 1 run in 5 on a loaded machine).
+LAG_FOLDER_CHECK = """
+import os, runpy, sys, time
+sys.path.insert(0, os.getcwd())
+from nanogpt_jax import train
+real = train._Run._check_folder_unchanged
+assert callable(real)
+def lagging(self):
+    time.sleep(float(os.environ.get("LAG_S", "0")))
+    return real(self)
+train._Run._check_folder_unchanged = lagging
+sys.argv = ["run_train.py", *sys.argv[1:]]
+runpy.run_path("run_train.py", run_name="__main__")
+"""
+
 def _launch(data_dir, out_dir, ids=(0, 1), script=None, env_for=None, **overrides) -> list[subprocess.Popen]:
     port = free_port()
     procs = []
@@ -82,7 +99,10 @@ def _wait_for(condition, procs, timeout=240.0) -> None:
             raise AssertionError("a process ended early:\n" + "\n".join(p.communicate(timeout=60)[0][-3000:]
                                                                           for p in procs))
         time.sleep(0.1)
-    raise AssertionError("timed out")
+    for p in procs:  # what each process was doing is in its output: kill it to read that to the end
+        p.kill()
+    raise AssertionError(f"timed out after {timeout:.0f} s:\n" + "\n".join(
+        f"--- process {i}:\n{p.communicate(timeout=60)[0][-3000:]}" for i, p in enumerate(procs)))
 
 
 def _finish(procs, timeout=120.0) -> tuple[list[str], list[float]]:
@@ -234,3 +254,15 @@ def test_a_full_disk_ends_both_processes_in_one_line(token_data, tmp_path):
         assert 10 in _committed(out)
     finally:
         subprocess.run(["umount", "-l", str(disk)], timeout=60)
+
+
+def test_a_process_that_lags_at_the_first_save_does_not_deadlock(token_data, tmp_path):
+    """Process 1 checks the run folder 3 s after process 0 (which then creates checkpoints/): both still see
+    the same folder, agree, train to the end and exit 0."""
+    out = tmp_path / "run"
+    script = tmp_path / "lag.py"
+    script.write_text(LAG_FOLDER_CHECK)
+    procs = _launch(token_data, out, script=script, env_for={1: {"LAG_S": "3"}}, **{"train.max_iters": 12})
+    outputs, _ = _finish(procs, timeout=180)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert _committed(out)[-1] == 12

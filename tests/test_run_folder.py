@@ -168,31 +168,22 @@ def test_kill_and_resume_logs_every_step_once(token_data, finished_run, tmp_path
     assert [e.step for e in acc.Scalars("val/loss")] == [0, 10, 20]  # TensorBoard shows each step once too
 
 
-@pytest.mark.parametrize("check_memory", [True, False])
-def test_an_impossible_shape_is_one_line_and_writes_nothing(token_data, tmp_path, check_memory):
+def test_an_impossible_shape_is_one_line_and_writes_nothing(token_data, tmp_path):
     """4M sequences per step: hundreds of GB of activations, far past this machine's memory. The memory
-    estimator refuses it before compiling; with train.check_memory=False, XLA's CPU client fails the
-    allocation at the first step (a GPU or TPU at compile time): the same one line, nothing written."""
+    estimator refuses it before compiling, in one line that names the fix, and nothing is written. (With
+    train.check_memory=False, XLA's own RESOURCE_EXHAUSTED is the same one line: tests/test_oom.py injects
+    it, since a real allocation that large depends on the host: with vm.overcommit_memory=1 the kernel's
+    OOM killer ends the process instead.)"""
     out = tmp_path / "too_big"
-    started = time.time()
-    done = run_train_cli(token_data, out, **{"train.batch_size": 2**22, "mesh.data": 1,
-                                             "train.check_memory": check_memory}, env=cli_env(devices=1))
-    seconds = time.time() - started
-    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1 and done.stderr.strip().splitlines()[-1] == errors[0], done.stderr[-3000:]
-    line = errors[0]
+    done = run_train_cli(token_data, out, **{"train.batch_size": 2**22, "mesh.data": 1}, env=cli_env(devices=1))
+    line = one_error_line(done)
     assert line.startswith("error: out of device memory ("), line
-    if check_memory:
-        assert re.search(r"the memory estimator gives the train step [\d,.]+ GiB per device; [\d,.]+ GiB is "
-                         r"(available on this host|left under this cgroup)", line), line
-        assert "--config.train.check_memory=False" in line and "RESOURCE_EXHAUSTED" not in line, line
-    else:
-        assert "RESOURCE_EXHAUSTED" in line, line
+    assert re.search(r"the memory estimator gives the train step [\d,.]+ GiB per device; [\d,.]+ GiB is "
+                     r"(available on this host|left under this cgroup)", line), line
+    assert "--config.train.check_memory=False" in line and "RESOURCE_EXHAUSTED" not in line, line
     assert all(key in line for key in ("train.batch_size", "model.block_size", "model.remat", "mesh.fsdp",
                                        "python -m nanogpt_jax.memory")), line
     assert not out.exists()
-    print(f"check_memory={check_memory}: refused after {seconds:.1f} s")
 
 
 def test_a_run_that_fails_before_its_first_save_leaves_no_checkpoints_folder(token_data, tmp_path,
