@@ -3,8 +3,8 @@
 Each command runs as a user runs it (run_*.py in a subprocess), with one change: at the point where XLA raises
 RESOURCE_EXHAUSTED on an accelerator (compiling the command's big computation, as a TPU does, or running it, as a
 GPU does) the real XLA error type, `jax.errors.JaxRuntimeError`, is raised instead. So nothing here depends on
-this machine's memory, on vm.overcommit_memory, or on the OOM killer. (test_run_folder.py keeps one case where
-XLA's CPU client really fails an allocation.)
+this machine's memory, on vm.overcommit_memory, or on the OOM killer. (test_run_folder.py checks the memory
+estimator's refusal before compiling, which needs no allocation either.)
 """
 
 from __future__ import annotations
