@@ -10,7 +10,8 @@
 All logic is in nanogpt_jax/bench/; the keys are under `bench` in configs/default.py.
 """
 
-from nanogpt_jax import bench, cli
+from nanogpt_jax import cli
+from nanogpt_jax.bench import runner
 
 if __name__ == "__main__":
-    cli.main(bench.run)
+    cli.main(runner.run)

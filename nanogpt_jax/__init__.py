@@ -3,7 +3,7 @@
 __all__ = ["GPT", "GPTConfig", "KVCache", "crop_block_size", "init_params", "lm_loss", "token_losses",
            "load_pretrained", "export_hf"]
 
-_MODEL_NAMES = ("GPT", "GPTConfig", "KVCache", "crop_block_size", "init_params", "lm_loss", "token_losses")
+_MODEL_NAMES = ("GPT", "GPTConfig", "KVCache", "crop_block_size", "init_params")
 
 
 def __getattr__(name):
@@ -13,6 +13,10 @@ def __getattr__(name):
         from nanogpt_jax import model
 
         return getattr(model, name)
+    if name in ("lm_loss", "token_losses"):
+        from nanogpt_jax import loss
+
+        return getattr(loss, name)
     if name in ("load_pretrained", "export_hf"):
         from nanogpt_jax import convert
 

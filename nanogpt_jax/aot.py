@@ -41,7 +41,7 @@ from ml_collections import ConfigDict
 from nanogpt_jax import memory, metrics, sharding, targets
 from nanogpt_jax.errors import ConfigError, UserError
 from nanogpt_jax.model import GPT, implementations
-from nanogpt_jax.optim import make_optimizer
+from nanogpt_jax.optim import OptimConfig, make_optimizer
 
 GiB = targets.GiB
 
@@ -108,7 +108,7 @@ def compile_train_step(config: ConfigDict, topology_name: str,
     from jax.experimental import mesh_utils
     from jax.sharding import AxisType, Mesh
 
-    from nanogpt_jax import step, train
+    from nanogpt_jax import step
 
     topo = targets.topology(topology_name, gpu_target_config)
     n = len(topo.devices)
@@ -120,7 +120,7 @@ def compile_train_step(config: ConfigDict, topology_name: str,
     model = GPT(gcfg)
     B, A, T = config.train.batch_size, config.train.gradient_accumulation_steps, gcfg.block_size
     sharding.check_batch_size(B, shape["data"] * shape["fsdp"])
-    optim_config = train.optim_config(config)
+    optim_config = OptimConfig.from_section(config.optim)
     abstract = step.abstract_state(model, make_optimizer(optim_config), mesh)
     train_step = step.make_train_step(model, optim_config, mesh, abstract, grad_accum=A, seed=config.seed)
     x = jax.ShapeDtypeStruct((A, B, T), jnp.int32, sharding=sharding.batch_sharding(mesh, 3))

@@ -23,19 +23,17 @@ What orbax gives us and we rely on:
 
 What the wrapper adds: one-line `CheckpointError`s (no checkpoint, damaged checkpoint, a state
 that does not match, an unwritable folder, a failed background save), the best-val-loss
-bookkeeping in the record, and a params-only restore for sampling and evaluation.
+bookkeeping in the record, and a params-only restore for sampling and evaluation. How each
+failure is noticed (orbax's background-save log records, the write probe, a damaged metrics file)
+lives in nanogpt_jax.checkpoint_faults.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
-import logging as pylogging
 import math
 import os
-import re
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,8 +42,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
+from nanogpt_jax import checkpoint_faults as faults
+from nanogpt_jax import storage
 from nanogpt_jax.errors import CheckpointError
 from nanogpt_jax.model import GPTConfig
 
@@ -53,47 +52,9 @@ PyTree = Any
 STATE, RECORD = "state", "record"  # orbax item names: the sub-folders of each step folder
 
 
-class _BackgroundSaveFailures(pylogging.Filter):
-    """orbax reports a save that failed in its background thread (a rename refused, a full disk, a
-    bucket error) only by logging it with its traceback; with several processes the save then never
-    finishes, and waiting for it blocks every process. This filter, on absl's logger, notes the
-    failure for the checkpointer of that folder (`Checkpointer.check` raises it in the training loop
-    at the next step) and turns orbax's error records that carry a traceback into debug ones: the
-    traceback is in the debug log (--verbosity=1), not on the console, where our one line says what
-    happened."""
-
-    failures: dict[str, str] = {}  # the folder orbax names (a step's) -> the first failure's line
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        if "/orbax/" in record.pathname and record.levelno >= pylogging.ERROR and record.exc_info:
-            message = str(record.getMessage())
-            if "background" in message:
-                folder = re.search(r"directory: (\S+)", message)
-                error = record.exc_info[1]
-                self.failures.setdefault(folder.group(1).rstrip("/") if folder else "",
-                                         _first_line(error) if error is not None else message[:160])
-            record.levelno, record.levelname = pylogging.DEBUG, "DEBUG"
-        return True
-
-    @classmethod
-    def install(cls) -> None:
-        logger = pylogging.getLogger("absl")
-        if not any(isinstance(f, cls) for f in logger.filters):
-            logger.addFilter(cls())
-
-    @classmethod
-    def _keys(cls, folder: str) -> list[str]:
-        return [k for k in cls.failures if k in ("", folder) or k.startswith(folder + "/")]
-
-    @classmethod
-    def pending(cls, folder: str) -> bool:
-        return bool(cls._keys(folder))
-
-    @classmethod
-    def take(cls, folder: str) -> str | None:
-        """The failure noted for a save into `folder` (a checkpoints folder), or None; forgets it."""
-        found = [cls.failures.pop(k) for k in cls._keys(folder)]
-        return found[0] if found else None
+def checkpoint_dir(out_dir: str | os.PathLike) -> storage.AnyPath:
+    """A run's checkpoint folder: out_dir/checkpoints (a local Path, or an epath.Path for a gs:// out_dir)."""
+    return storage.path(out_dir) / "checkpoints"
 
 
 def _val_loss(metrics: Mapping[str, float | None]) -> float:
@@ -110,15 +71,6 @@ def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
     registry.add(RECORD, ocp.args.JsonSave, ocp.handlers.JsonCheckpointHandler)
     registry.add(RECORD, ocp.args.JsonRestore, ocp.handlers.JsonCheckpointHandler)
     return registry
-
-
-def _first_line(e: BaseException, limit: int = 160) -> str:
-    """`TypeName: first line of the message` of the root cause, shortened: orbax errors run to pages."""
-    while e.__cause__ is not None:  # orbax wraps tensorstore's precise error in a vaguer one
-        e = e.__cause__
-    text = " ".join(str(e).split("\n", 1)[0].split(" See full TensorStore details")[0].split()) or type(e).__name__
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(e).__name__}: {text}"
 
 
 def _key_name(path: tuple) -> str:
@@ -185,7 +137,7 @@ class Checkpointer:
         if "://" not in self.directory:
             path = epath.Path(os.path.abspath(self.directory))
         if not read_only:
-            _check_writable(path, self.directory)
+            faults.check_writable(path, self.directory)
         preservation = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(n=keep),
             # reverse=True sorts by descending loss, so the lowest loss is "best" (kept last)
@@ -205,15 +157,15 @@ class Checkpointer:
         try:
             self._manager = ocp.CheckpointManager(path, options=options, handler_registry=_handler_registry())
         except Exception as e:  # e.g. a step's metrics file cut short by a full disk
-            bad = _unreadable_metrics(path)
+            bad = faults.unreadable_metrics(path)
             folder = os.path.join(self.directory, bad) if bad else "the damaged step folder"
             raise CheckpointError(
-                f"cannot read the checkpoints in {self.directory} ({_first_line(e)}); delete {folder} "
+                f"cannot read the checkpoints in {self.directory} ({faults.first_line(e)}); delete {folder} "
                 "or choose a new out_dir") from e
         self._read_only = read_only
         self._path = path
         self._key = str(path).rstrip("/")  # how orbax names the folder in its messages
-        _BackgroundSaveFailures.install()
+        faults.BackgroundSaveFailures.install()
         self._pending_step: int | None = None  # the step whose save may still be running
         self._failure_raised = False  # a failed save was reported: orbax may still echo it later
         self._closed = False
@@ -247,7 +199,7 @@ class Checkpointer:
         if self._pending_step is not None and self._manager.is_saving_in_progress():
             # the previous save is still writing: if the folder is gone (a bucket that stopped answering,
             # a lost mount) its writes retry for a long time, and waiting for them would hang the run here
-            problem = _write_problem(self._path)
+            problem = faults.write_problem(self._path)
             if problem:
                 raise self._save_failed(problem)
         # orbax waits for the previous save inside save(); waiting here first reports its failure as its own
@@ -263,7 +215,7 @@ class Checkpointer:
                 f"step {latest} (init_from=resume) or use a new out_dir")
         # A folder that stopped taking writes (permissions, a read-only remount) fails here, in the caller,
         # on every process: inside orbax's background save it would leave threads waiting forever.
-        problem = _write_problem(self._path)
+        problem = faults.write_problem(self._path)
         if problem:
             self._pending_step = step
             raise self._save_failed(problem)
@@ -289,7 +241,7 @@ class Checkpointer:
         Raises:
             CheckpointError: a pending save failed; the checkpoints saved before it are intact.
         """
-        failed = _BackgroundSaveFailures.take(self._key)
+        failed = faults.BackgroundSaveFailures.take(self._key)
         if self._pending_step is None and self._failure_raised:
             # nothing in flight since the failure we raised: orbax's late report of it (its background
             # thread logs after the caller saw the error) is not a second failure, and must not replace it
@@ -313,7 +265,7 @@ class Checkpointer:
         Raises:
             CheckpointError: as `wait`.
         """
-        if self._pending_step is not None and (_BackgroundSaveFailures.pending(self._key)
+        if self._pending_step is not None and (faults.BackgroundSaveFailures.pending(self._key)
                                                or not self._manager.is_saving_in_progress()):
             self.wait()  # finished or failed: returns at once, raising the save's error if it failed
 
@@ -372,14 +324,14 @@ class Checkpointer:
         step = self._pending_step
         self._pending_step = None
         self._failure_raised = True
-        _BackgroundSaveFailures.take(self._key)  # reported now, by whichever way it came: not twice
+        faults.BackgroundSaveFailures.take(self._key)  # reported now, by whichever way it came: not twice
         try:
             self._manager.reload()
             self._best_val_loss = self._best_val_loss_on_disk()
         except Exception:  # the folder itself may be gone; the error below says so
             pass
         what = f"saving checkpoint step {step}" if step is not None else "saving a checkpoint"
-        why = e if isinstance(e, str) else _first_line(e)
+        why = e if isinstance(e, str) else faults.first_line(e)
         try:
             kept = [s for s in self._manager.all_steps() if s != step]
         except Exception:  # noqa: BLE001
@@ -483,7 +435,7 @@ class Checkpointer:
         older = [s for s in self.all_steps() if s < step]
         fallback = f" to fall back to step {older[-1]}" if older else ""
         return CheckpointError(
-            f"checkpoint step {step} in {self.directory} is damaged or incomplete ({_first_line(e)}); delete "
+            f"checkpoint step {step} in {self.directory} is damaged or incomplete ({faults.first_line(e)}); delete "
             f"{os.path.join(self.directory, str(step))}{fallback}, or set init_from=scratch")
 
     def _read(self, step: int, args: ocp.args.Composite) -> Any:
@@ -492,8 +444,9 @@ class Checkpointer:
         except Exception as e:  # tensorstore / JSON / missing-file errors: the files are not what orbax wrote
             logging.vlog(1, "restoring step %d failed", step, exc_info=True)  # the whole story, with -v 1
             error = self._damaged(step, e)
-        # not `from e`: its frames would keep orbax's abandoned read tasks alive until exit (see below)
-        _collect_abandoned_reads()
+        # not `from e`: its frames would keep orbax's abandoned read tasks alive until exit (see
+        # checkpoint_faults.collect_abandoned_reads)
+        faults.collect_abandoned_reads()
         raise error
 
     def _check_matches(self, step: int, target: PyTree, partial: bool = False) -> None:
@@ -551,82 +504,3 @@ def model_config(record: Mapping[str, Any]) -> GPTConfig:
         return GPTConfig(**fields)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"the checkpoint's model config is invalid ({e}); the record is damaged") from e
-
-
-def _collect_abandoned_reads() -> None:
-    """Quiet the read tasks orbax leaves behind when one array of a restore fails.
-
-    Otherwise each prints a traceback ("Task exception was never retrieved", "Exception ignored
-    in <coroutine ...>") whenever it is garbage-collected, typically at exit under our one-line
-    error; reads still in flight in tensorstore's threads later find orbax's event loop closed
-    and print "RuntimeError: Event loop is closed". Only those three are silenced (kept at -v 1).
-    """
-    asyncio_logger = pylogging.getLogger("asyncio")
-    disabled, hook = asyncio_logger.disabled, sys.unraisablehook
-    asyncio_logger.disabled = True
-    sys.unraisablehook = _quiet_unraisable
-    try:
-        gc.collect()
-    finally:
-        asyncio_logger.disabled = disabled
-        sys.unraisablehook = hook
-    if not getattr(sys.unraisablehook, "_drops_closed_loop", False):
-        sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
-
-
-def _quiet_unraisable(unraisable: Any) -> None:
-    logging.vlog(1, "after a failed restore: %r", unraisable.exc_value)
-
-
-def _drop_closed_loop_callbacks(previous: Any) -> Any:
-    def hook(unraisable: Any) -> None:
-        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-            _quiet_unraisable(unraisable)
-        else:
-            previous(unraisable)
-
-    hook._drops_closed_loop = True
-    return hook
-
-
-def _unreadable_metrics(path: epath.Path) -> str | None:
-    """The name of the first step folder whose orbax metrics file is not valid JSON (for the error)."""
-    try:
-        for step_dir in sorted((p for p in path.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)):
-            metrics = step_dir / "metrics" / "metrics"
-            if metrics.exists():
-                try:
-                    json.loads(metrics.read_text())
-                except ValueError:
-                    return step_dir.name
-    except OSError:
-        pass
-    return None
-
-
-def _write_problem(path: epath.Path) -> str | None:
-    """Why `path` cannot take files now (None: it can), as process 0 finds it; with several
-    processes its verdict is broadcast, so every process gets the same answer.
-
-    Process 0 creates the folder and a probe file (the only file I/O of this module outside orbax).
-    """
-    problem = None
-    if jax.process_index() == 0:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / f".write_probe.{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except Exception as e:  # OSError locally; gcsfs / epath raise their own types
-            problem = _first_line(e)
-    if jax.process_count() > 1:
-        ok = multihost_utils.broadcast_one_to_all(np.int32(problem is None))
-        problem = problem or (None if int(ok) else "process 0 could not write there")
-    return problem
-
-
-def _check_writable(path: epath.Path, shown: str) -> None:
-    """Fail now, not at the first save hours in, if `path` cannot hold checkpoints."""
-    problem = _write_problem(path)
-    if problem:
-        raise CheckpointError(f"cannot write checkpoints to {shown} ({problem}); set out_dir to a writable folder")

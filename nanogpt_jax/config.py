@@ -105,6 +105,7 @@ def validate(config: ConfigDict) -> None:
 
 # Later modules (training, evaluation, benchmarks) register checks of their own sections here.
 EXTRA_CHECKS: list[Callable[[ConfigDict], None]] = []
+LM_EVAL_PREFIX = "lm_eval:"  # eval.tasks entries naming lm-evaluation-harness tasks: "lm_eval:arc_easy,piqa"
 
 
 def resolve_dtype(name: str) -> str:

@@ -3,6 +3,9 @@
     model, params = load_pretrained("gpt2")            # or gpt2-medium/-large/-xl, or an HF folder
     export_hf(model.config, params, "out/hf")          # GPT2LMHeadModel.from_pretrained("out/hf")
 
+This module holds the mapping (names, shapes, config.json's fields) and the checks; finding, reading
+and writing the files (the Hub cache, downloads, safetensors, pytorch_model.bin) is nanogpt_jax.hf_files'.
+
 Our module names are HF GPT-2's, and HF's Conv1D weights are (in, out) like Flax kernels, so a
 conversion is a rename plus two reshapes, never a transpose:
 
@@ -32,13 +35,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
-import json
 import math
 import os
 import re
-import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +49,17 @@ from absl import logging
 
 from nanogpt_jax import storage
 from nanogpt_jax.errors import CheckpointError, ConfigError
+from nanogpt_jax.hf_files import (
+    SAFETENSORS,
+    SafetensorsFiles,
+    TorchFiles,
+    read_json,
+    resolve,
+    write_folder,
+    write_hf_files,
+)
 from nanogpt_jax.model import GPT, GPT2_SIZES, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig, init_params
 
-HUB_ORG = "openai-community"  # the Hub's home of OpenAI's checkpoints; "gpt2" etc. are old aliases
-SAFETENSORS, TORCH_BIN = "model.safetensors", "pytorch_model.bin"
 EOT_TOKEN = 50256  # <|endoftext|> in GPT-2's BPE: HF's bos/eos id
 # causal-mask buffers that old HF checkpoints (and OpenAI's pytorch_model.bin) store per layer
 _IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
@@ -222,147 +229,7 @@ def _gpt_to_hf_config(config: GPTConfig, vocab_size: int) -> dict[str, Any]:
     }
 
 
-# ---- finding the files -----------------------------------------------------------------------
-
-
-def _offline() -> bool:
-    # read at call time: huggingface_hub reads HF_HUB_OFFLINE once, when it is imported
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _hub_cache_dir() -> str:
-    """HF_HUB_CACHE, else $HF_HOME/hub, else huggingface_hub's default; read at call time."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
-
-
-def _torch_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torch") is not None
-
-
-def _local_hint(name: str, cache_dir: str) -> str:
-    return (f"point it at local weights: pass an HF GPT-2 folder path (config.json + {SAFETENSORS}), or set "
-            f"HF_HOME to a Hugging Face cache that holds {HUB_ORG}/{name} (looked in {cache_dir}; on a machine "
-            f"with internet, `hf download {HUB_ORG}/{name} config.json {SAFETENSORS}` fills one)")
-
-
-def _from_hub(name: str) -> tuple[Path, list[Path]]:
-    """(config.json, [weights file]) of a named GPT-2, from the HF cache or downloaded into it."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    cache_dir = _hub_cache_dir()
-    weight_names = (SAFETENSORS, TORCH_BIN) if _torch_available() else (SAFETENSORS,)
-    # a cached copy under either id first (transformers cached the old alias "gpt2"); no network
-    for repo in (f"{HUB_ORG}/{name}", name):
-        config = try_to_load_from_cache(repo, "config.json", cache_dir=cache_dir)
-        for weights in weight_names:
-            path = try_to_load_from_cache(repo, weights, cache_dir=cache_dir)
-            if isinstance(config, str) and isinstance(path, str):
-                return Path(config), [Path(path)]
-    if _offline():
-        raise CheckpointError(f"{name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
-                              + _local_hint(name, cache_dir))
-    repo = f"{HUB_ORG}/{name}"
-    try:
-        config = hf_hub_download(repo, "config.json", cache_dir=cache_dir)
-        try:
-            weights = hf_hub_download(repo, SAFETENSORS, cache_dir=cache_dir)
-        except EntryNotFoundError as e:  # not on the Hub (404): an old repo without safetensors
-            if isinstance(e, LocalEntryNotFoundError):  # the Hub was not reached at all
-                raise
-            weights = hf_hub_download(repo, TORCH_BIN, cache_dir=cache_dir)
-    except (EntryNotFoundError, OSError) as e:  # HTTP and connection errors are OSErrors too
-        why = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"could not download {repo} ({why}); " + _local_hint(name, cache_dir)) from None
-    return Path(config), [Path(weights)]
-
-
-def _from_folder(folder: Path) -> tuple[Path, list[Path]]:
-    """(config.json, weight files) of an HF folder: model.safetensors, its shards, or pytorch_model.bin."""
-    config = folder / "config.json"
-    if not config.is_file():
-        raise CheckpointError(f"{folder} has no config.json: an HF GPT-2 folder holds config.json and {SAFETENSORS}")
-    for single in (SAFETENSORS, TORCH_BIN):
-        if (folder / single).is_file():
-            return config, [folder / single]
-        index = folder / f"{single}.index.json"
-        if index.is_file():  # a sharded save: the index maps every key to its file
-            weight_map = _read_json(index).get("weight_map", {})
-            return config, [folder / f for f in sorted(set(weight_map.values()))]
-    raise CheckpointError(f"{folder} has no {SAFETENSORS} (or {TORCH_BIN}): re-save it with "
-                          f"save_pretrained or export_hf")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {' '.join(str(e).split())}") from None
-
-
-# ---- reading tensors ----------------------------------------------------------------------------
-
-
-class _SafetensorsFiles:
-    """Tensors of one or more .safetensors files, read one at a time with safetensors' numpy API."""
-
-    def __init__(self, paths: list[Path]):
-        from safetensors import safe_open
-
-        self._open = safe_open
-        self.file_of: dict[str, Path] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        for path in paths:
-            try:
-                with safe_open(path, framework="numpy") as f:
-                    for key in f.keys():
-                        self.file_of[key] = path
-                        self.shapes[key] = tuple(f.get_slice(key).get_shape())
-            except Exception as e:  # safetensors raises its own SafetensorError for a damaged header
-                raise CheckpointError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
-
-    def read(self, key: str) -> np.ndarray:
-        # A fresh mapping per tensor: pages a mapping has touched count towards this process's
-        # resident memory until it is closed, so one mapping open for the whole file would add a
-        # second copy of the weights to the peak.
-        with self._open(self.file_of[key], framework="numpy") as f:
-            return f.get_tensor(key)
-
-
-class _TorchFiles:
-    """Tensors of pytorch_model.bin file(s): torch.load(weights_only=True), memory-mapped."""
-
-    def __init__(self, paths: list[Path]):
-        if not _torch_available():
-            raise CheckpointError(f"{paths[0]} is a PyTorch file and torch is not installed: pip install "
-                                  f"'nanogpt_jax[hf]', or re-save the weights as {SAFETENSORS}")
-        import torch
-
-        self.state: dict[str, Any] = {}
-        for path in paths:
-            try:
-                try:  # mmap: tensors stay on disk until read (files from torch >= 1.6's zip format)
-                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError:  # the legacy (pre-zip) format cannot be mapped
-                    state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # pickle and zip errors come in many classes
-                raise CheckpointError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
-            self.state.update({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
-        self.shapes = {k: tuple(v.shape) for k, v in self.state.items()}
-
-    def read(self, key: str) -> np.ndarray:
-        import torch
-
-        t = self.state[key]
-        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no torch bf16
+# ---- import -------------------------------------------------------------------------------------
 
 
 def _normalize(keys: list[str], source: str) -> dict[str, str]:
@@ -409,33 +276,14 @@ def _sharding_leaves(shardings: Any, treedef: Any, scan_layers: bool) -> list[An
                          f"(scan_layers={scan_layers}): {treedef}") from None
 
 
-def _resolve(source: str) -> tuple[Path, list[Path]]:
-    """(config.json, weight files) of a GPT-2 name (HF cache or download), a local HF folder, or a
-    gs:// one (copied first to storage.WEIGHTS_CACHE_DIR)."""
-    if storage.is_url(source):
-        return _from_folder(storage.local_folder(source))
-    folder = Path(source).expanduser()
-    if folder.is_dir():
-        return _from_folder(folder)
-    if source in GPT2_SIZES:
-        return _from_hub(source)
-    if folder.exists():
-        raise CheckpointError(f"{source} is a file: pass the HF folder that holds config.json and {SAFETENSORS}")
-    if os.sep in source or source.startswith((".", "~")):
-        raise CheckpointError(f"no folder {source}: pass an HF GPT-2 folder (config.json + {SAFETENSORS}) or one "
-                              f"of the names {', '.join(GPT2_SIZES)}")
-    raise CheckpointError(f"{source!r} is neither a GPT-2 name ({', '.join(GPT2_SIZES)}) nor a folder: pass one "
-                          f"of those names or the path of an HF GPT-2 folder (config.json + {SAFETENSORS})")
-
-
 def pretrained_config(name_or_path: str | os.PathLike, **overrides: Any) -> GPTConfig:
     """The GPTConfig `load_pretrained(name_or_path, **overrides)` would build, from config.json
     alone (fetched, but no weights read): what the trainer needs to compute shardings before
     loading. Raises CheckpointError as load_pretrained does."""
     source = os.fspath(name_or_path)
-    config_path, _ = _resolve(source)
+    config_path, _ = resolve(source)
     try:
-        return hf_to_gpt_config(_read_json(config_path), **overrides)
+        return hf_to_gpt_config(read_json(config_path), **overrides)
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
 
@@ -475,8 +323,8 @@ def load_pretrained(
             block_size above n_positions. Checked from headers before any tensor is read.
     """
     source = os.fspath(name_or_path)
-    config_path, weight_paths = _resolve(source)
-    hf_config = _read_json(config_path)
+    config_path, weight_paths = resolve(source)
+    hf_config = read_json(config_path)
     try:
         config = hf_to_gpt_config(hf_config, **overrides)
     except CheckpointError as e:
@@ -485,7 +333,7 @@ def load_pretrained(
         logging.warning("%s: the cached config.json (%s) is not %s's shape %s", source, config_path,
                         source, GPT2_SIZES[source])
 
-    files = (_TorchFiles if weight_paths[0].suffix == ".bin" else _SafetensorsFiles)(weight_paths)
+    files = (TorchFiles if weight_paths[0].suffix == ".bin" else SafetensorsFiles)(weight_paths)
     names = _normalize(list(files.shapes), source)
     leaves, treedef = _plan(config, hf_config["n_positions"])
     _check_keys(leaves, {k: files.shapes[k] for k in names.values()}, names, source)
@@ -588,11 +436,11 @@ def export_hf(
     hf_config = _gpt_to_hf_config(config, vocab_size)
     if storage.is_url(out_dir):  # a bucket has no renames: each file in one upload, config.json (what HF reads) last
         with tempfile.TemporaryDirectory(prefix="nanogpt_jax-export-") as tmp:
-            _write_hf_files(Path(tmp), tensors, hf_config)
+            write_hf_files(Path(tmp), tensors, hf_config)
             for name in (SAFETENSORS, "config.json"):
                 storage.upload(Path(tmp) / name, out / name)
     else:
-        _write_folder(out, overwrite, lambda tmp: _write_hf_files(tmp, tensors, hf_config))
+        write_folder(out, overwrite, lambda tmp: write_hf_files(tmp, tensors, hf_config))
     logging.info("exported %d tensors to %s (vocab %d)", len(tensors), out, vocab_size)
     return out
 
@@ -603,31 +451,3 @@ def _host(x: Any, path: tuple[str, ...]) -> np.ndarray:
         raise ValueError(f"params {'/'.join(path)} spans processes; gather it first "
                          f"(jax.experimental.multihost_utils.process_allgather) and export from one process")
     return np.asarray(x, dtype=np.float32)
-
-
-def _write_hf_files(folder: Path, tensors: dict[str, np.ndarray], hf_config: dict[str, Any]) -> None:
-    from safetensors.numpy import save_file
-
-    # transformers refuses safetensors files whose metadata lacks a known "format"
-    save_file(tensors, folder / SAFETENSORS, metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-
-
-def _write_folder(out: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp)` in a temporary sibling of `out`, then rename it to `out` (atomic)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        if out.exists():  # overwrite: move the old one aside first, delete it once replaced
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / out.name)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -15,7 +15,7 @@ which connects the processes through `jax.distributed.initialize` when there is 
 
 After it, `jax.devices()` lists the devices of every process and `jax.local_devices()` this
 process's; a jitted step runs as one program over all of them (SPMD), each process feeding its own
-rows of the batch (`data.TrainBatches`). On CPU the processes exchange arrays through gloo
+rows of the batch (`batches.TrainBatches`). On CPU the processes exchange arrays through gloo
 (`jax_cpu_collectives_implementation`), which is how the tests run two processes on one machine.
 
 `jax.distributed.initialize` also starts JAX's preemption service: a SIGTERM to any process is

@@ -13,30 +13,29 @@ the markdown table, TensorBoard and metrics.csv):
 The three perplexity tasks report `loss` (mean nats per scored token), `ppl` = exp(loss) and `bpb`,
 bits per byte: loss x tokens / ln 2 / the UTF-8 bytes those tokens decode to (GPT-2's <|endoftext|>
 counts 0 bytes: it separates documents, it is not text). Every token after the first is scored
-exactly once, with `data.sliding_windows` of block_size tokens every `stride` tokens (so each token
+exactly once, with `batches.sliding_windows` of block_size tokens every `stride` tokens (so each token
 sees at least block_size - stride tokens of context; stride = block_size is plain non-overlapping
 windows). The wikitext2 default stride is block_size // 2: the recipe of Hugging Face's guide
 "Perplexity of fixed-length models" (GPT-2, block 1024, stride 512).
 
 Quick runs: `eval.max_examples` scores HellaSwag's first N examples and WikiText-2's first N windows
 (the loss and text tasks always score every token). Long tasks log a progress line every
-`loggers.PROGRESS_SECONDS` (done/total, rate, eta) on process 0.
+`progress.PROGRESS_SECONDS` (done/total, rate, eta) on process 0.
 
 Scale: one jitted scorer returns each row's summed token losses for padded (N, K, T) batches, N
 split over the mesh's data x fsdp devices, on every host at once: every process builds the same
 global batch on the host (cheap), its devices score their rows, each process sums the rows it holds,
 and the per-task totals are gathered from all processes once at the end. HellaSwag's endings and
-the harness's requests are rows (`nanogpt_jax.rows`) scored by `score_rows`: sorted by length and
+the harness's requests are rows (`nanogpt_jax.rows`) scored by `scoring.score_rows`: sorted by length and
 padded to a few length buckets (powers of two up to block_size), so a task compiles a handful of shapes.
 Compute runs in the model's dtype (bfloat16 on accelerators by default), logits and the
-log-softmax in float32 (`model.token_losses`, the one loss).
+log-softmax in float32 (`loss.token_losses`, the one loss).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -45,22 +44,19 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import data, download, hellaswag, loggers, metrics, rows, sharding, storage, tokenizer
+from nanogpt_jax import data, download, hellaswag, metrics, restore, sharding, storage, tokenizer
 from nanogpt_jax.errors import ConfigError, DataError, UserError
-from nanogpt_jax.model import GPT, token_losses
+from nanogpt_jax.model import GPT
+from nanogpt_jax.scoring import Scorer, hellaswag_accuracy, perplexity
 from nanogpt_jax.tokenizer import Tokenizer
 
 TASKS = ("loss", "text", "wikitext2", "hellaswag")
-LM_EVAL_PREFIX = "lm_eval:"  # eval.tasks entries naming lm-evaluation-harness tasks (nanogpt_jax/harness.py)
 # WikiText-2 raw, test split: HF's wikitext-2-raw-v1 test text without its empty lines, CRLF line ends
 WIKITEXT2 = ("wikitext-2/wiki.test.raw", "https://raw.githubusercontent.com/Tylogi/TyloQuant/"
              "7989d038b13ca737da11a95fb90e77ae059f33c0/data/wikitext-2-raw/wiki.test.raw")
@@ -80,14 +76,14 @@ def check_config(config: ConfigDict) -> None:
         if section not in config or leaf not in config[section]:
             continue
         tasks = config[section][leaf]
-        harness_tasks = [t for t in tasks if t.startswith(LM_EVAL_PREFIX)]
+        harness_tasks = [t for t in tasks if t.startswith(config_lib.LM_EVAL_PREFIX)]
         if harness_tasks and key == "train.eval_tasks":
             raise ConfigError(f"{key}={tuple(tasks)!r}: {harness_tasks[0]!r} is an lm-evaluation-harness task, run "
                               "by run_eval.py only (--config.eval.tasks); the trainer runs " + ", ".join(TASKS))
         unknown = [t for t in tasks if t not in TASKS and t not in harness_tasks]
         if unknown:
             raise ConfigError(f"{key}={tuple(tasks)!r}: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)} "
-                              f"or {LM_EVAL_PREFIX}<harness task>[,<task>...]")
+                              f"or {config_lib.LM_EVAL_PREFIX}<harness task>[,<task>...]")
         if "text" in tasks:
             path = config.eval.text_path
             if not path:
@@ -104,63 +100,6 @@ def check_config(config: ConfigDict) -> None:
 
 
 config_lib.EXTRA_CHECKS.append(check_config)
-
-
-# ---- the jitted scorer --------------------------------------------------------------------------
-
-
-class Scorer:
-    """Summed token losses of each row of padded batches, data-parallel over a mesh.
-
-    `scorer(params, x, y, mask)` takes global numpy arrays int32 x, y and float32 mask of shape
-    (N, K, T) (N split over the mesh's data x fsdp axes; every process passes the same arrays) and
-    returns a float32 jax.Array (N, K): sum over t of mask * cross-entropy(logits(x)[t], y[t]), nats.
-    With greedy=True it returns (sums, misses): misses int32 (N, K) counts the scored targets that
-    are not the argmax of their logits (0 = greedy decoding would produce the row: the harness's
-    `is_greedy`). `apply_fn(params, x_BT) -> logits (B, T, V)` is the model (or a stand-in in tests);
-    params keep the shardings they have. One compilation per distinct (N, K, T, greedy).
-    """
-
-    def __init__(self, apply_fn: Callable[[Any, jax.Array], jax.Array], mesh: Mesh):
-        self.mesh = mesh
-        self.in_sharding = NamedSharding(mesh, P(sharding.BATCH_AXES, None, None))
-
-        def score(params: Any, x_NKT: jax.Array, y_NKT: jax.Array, mask_NKT: jax.Array,
-                  greedy: bool) -> jax.Array | tuple[jax.Array, jax.Array]:
-            N, K, T = x_NKT.shape
-            logits_BTV = apply_fn(params, x_NKT.reshape(N * K, T))
-            y_BT, scored_BT = y_NKT.reshape(N * K, T), mask_NKT.reshape(N * K, T) > 0
-            losses_BT = jnp.where(scored_BT, token_losses(logits_BTV, y_BT), 0.0)
-            sums_NK = losses_BT.sum(axis=-1).reshape(N, K)
-            if not greedy:
-                return sums_NK
-            misses_BT = scored_BT & (jnp.argmax(logits_BTV, axis=-1) != y_BT)
-            return sums_NK, misses_BT.sum(axis=-1, dtype=jnp.int32).reshape(N, K)
-
-        self.jitted = jax.jit(score, static_argnames="greedy",
-                              out_shardings=NamedSharding(mesh, P(sharding.BATCH_AXES, None)))
-
-    def __call__(self, params: Any, x: np.ndarray, y: np.ndarray, mask: np.ndarray,
-                 greedy: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-        arrays = [jax.make_array_from_callback(a.shape, self.in_sharding, lambda i, a=a: a[i]) for a in (x, y, mask)]
-        with sharding.activate(self.mesh):
-            return self.jitted(params, *arrays, greedy=greedy)
-
-
-def local_rows(out: jax.Array) -> list[tuple[slice, np.ndarray]]:
-    """(rows, values) of the shards of `out` this process holds, each row block once (replica 0)."""
-    return [(s.index[0], np.asarray(s.data)) for s in out.addressable_shards if s.replica_id == 0]
-
-
-def gather_sum(local: np.ndarray) -> np.ndarray:
-    """Sum a float64 vector over processes: one collective. jax has no float64 by default, so each
-    value travels as a float32 pair (high part, remainder): ~1e-14 relative, exact for counts < 2^48."""
-    if jax.process_count() == 1:
-        return local
-    hi = local.astype(np.float32)
-    lo = (local - hi.astype(np.float64)).astype(np.float32)
-    both = multihost_utils.process_allgather(np.stack([hi, lo])).astype(np.float64)  # (processes, 2, k)
-    return both.sum(axis=(0, 1))
 
 
 # ---- what each task scores ----------------------------------------------------------------------
@@ -221,16 +160,17 @@ def read_text(path: str | Path, tok: Tokenizer, what: str) -> np.ndarray:
     return ids
 
 
-def _harness_tasks(config: ConfigDict, tasks: Sequence[str]) -> tuple[list[str], Any] | None:
-    """(names, TaskManager) of the lm_eval: entries of `tasks`, None without any. Raises UserError when
-    lm-eval is not installed (naming the extra) or a name is not a task the harness knows."""
-    if not any(t.startswith(LM_EVAL_PREFIX) for t in tasks):
+def _harness_tasks(tasks: Sequence[str], include_path: str | None) -> tuple[list[str], Any] | None:
+    """(names, TaskManager) of the lm_eval: entries of `tasks`, None without any; include_path is
+    eval.lm_eval_include_path. Raises UserError when lm-eval is not installed (naming the extra) or a
+    name is not a task the harness knows."""
+    if not any(t.startswith(config_lib.LM_EVAL_PREFIX) for t in tasks):
         return None
     from nanogpt_jax import harness
 
     harness.require()
     names = harness.task_names(tasks)
-    manager = harness.task_manager(config.eval.lm_eval_include_path)
+    manager = harness.task_manager(include_path)
     harness.check_tasks(names, manager)
     return names, manager
 
@@ -250,13 +190,14 @@ class Evaluator:
     often as needed: `run(params)` -> {key: result dict}, `metrics(params)` -> {"eval/<key>/<m>": value}.
 
     Args:
-        config: the run config (eval section; data.data_dir for the loss task).
+        eval_config: the config's eval section.
         model: the GPT whose params will be passed to run.
         mesh: where to score; eval.batch_size is rounded up to a multiple of its data x fsdp size.
         tok: the model's tokenizer.
         tasks: task names (TASKS).
-        data_dir: the loss task's folder (a checkpoint's, as `sample.load_model` found it with
-            `data.find_data_dir`); None: data.data_dir.
+        data_dir: the loss task's folder: data.data_dir, or a checkpoint's, as `restore.load_model`
+            found it with `data.find_data_dir`.
+        cache_dir: data.cache_dir (where a gs:// data_dir's files are copied).
         apply_fn: a stand-in for the model's forward pass (tests); None: the model's.
         harness_tasks: (names, TaskManager) of the lm_eval: tasks, when `run` has checked them before
             loading the weights; None: checked here.
@@ -267,10 +208,11 @@ class Evaluator:
         ConfigError: eval.stride above the model's block_size.
     """
 
-    def __init__(self, config: ConfigDict, model: GPT, mesh: Mesh, tok: Tokenizer, tasks: Sequence[str],
-                 data_dir: str | Path | None = None, apply_fn: Callable | None = None, harness_tasks: Any = None):
-        e = config.eval
-        self.model, self.mesh, self.tok, self.config = model, mesh, tok, config
+    def __init__(self, eval_config: ConfigDict, model: GPT, mesh: Mesh, tok: Tokenizer, tasks: Sequence[str],
+                 data_dir: str | Path, cache_dir: str | None = None, apply_fn: Callable | None = None,
+                 harness_tasks: Any = None):
+        e = eval_config
+        self.model, self.mesh, self.tok, self.eval_config = model, mesh, tok, eval_config
         self.block_size = T = model.config.block_size
         d = sharding.batch_divisor(mesh)
         self.batch_size = -(-e.batch_size // d) * d
@@ -282,11 +224,11 @@ class Evaluator:
         self.scorer = Scorer(apply_fn or (lambda p, x: model.apply({"params": p}, x)), mesh)
         self.inputs: dict[str, Any] = {}
         # lm-evaluation-harness tasks: (names, its TaskManager), checked here unless `run` did (harness_tasks)
-        self.harness = harness_tasks or _harness_tasks(config, tasks)
+        self.harness = harness_tasks or _harness_tasks(tasks, e.lm_eval_include_path)
         lengths = token_byte_lengths(tok) if {"loss", "text", "wikitext2"} & set(tasks) else None
         for name in tasks:
             if name == "loss":
-                tokens, info = self._split(config, model, tok, data_dir or config.data.data_dir)
+                tokens, info = self._split(e.split, model, tok, data_dir, cache_dir)
                 self.inputs[f"loss/{e.split}"] = _Tokens(tokens, e.stride or T, count_bytes(tokens, lengths), info)
             elif name == "text":
                 tokens = read_text(e.text_path, tok, "eval.text_path")
@@ -307,17 +249,17 @@ class Evaluator:
                                     "it with the loss or text task")
                 examples = hellaswag.load(e.cache_dir, e.max_examples)
                 self.inputs["hellaswag"] = [hellaswag.render(tok, ex, T, e.hellaswag_prompt) for ex in examples]
-            elif name.startswith(LM_EVAL_PREFIX):
+            elif name.startswith(config_lib.LM_EVAL_PREFIX):
                 continue
             else:
                 raise ConfigError(f"unknown eval task {name!r}; choose from {', '.join(TASKS)}")
 
     @staticmethod
-    def _split(config: ConfigDict, model: GPT, tok: Tokenizer, data_dir: str | Path) -> tuple[np.ndarray, dict]:
-        split = config.eval.split
+    def _split(split: str, model: GPT, tok: Tokenizer, data_dir: str | Path,
+               cache_dir: str | None) -> tuple[np.ndarray, dict]:
         _check_loss_data(data_dir)
         ds = data.Dataset(data_dir, block_size=1, model_vocab_size=model.config.vocab_size, splits=(split,),
-                          cache_dir=config.data.cache_dir)
+                          cache_dir=cache_dir)
         if not tokenizer.same_vocabulary(ds.tokenizer, tok):
             raise DataError(f"{data_dir} was tokenized with a {ds.tokenizer.n_vocab}-token {ds.tokenizer.name} "
                             f"vocabulary, the model uses a {tok.n_vocab}-token {tok.name} one; evaluate on data "
@@ -333,7 +275,7 @@ class Evaluator:
         for key, inp in self.inputs.items():
             t0 = time.perf_counter()
             if key == "hellaswag":
-                out[key] = {"prompt": self.config.eval.hellaswag_prompt,
+                out[key] = {"prompt": self.eval_config.hellaswag_prompt,
                             **hellaswag_accuracy(self.scorer, params, inp, batch_size=self.batch_size,
                                                  block_size=self.block_size, label=key)}
             else:
@@ -354,7 +296,7 @@ class Evaluator:
         from nanogpt_jax import harness
 
         names, manager = self.harness
-        e, t0 = self.config.eval, time.perf_counter()
+        e, t0 = self.eval_config, time.perf_counter()
         lm = harness.NanoGPTLM(self.model, params, self.tok, self.mesh, batch_size=self.batch_size, stride=e.stride,
                                scorer=self.scorer)
         results = harness.evaluate_tasks(lm, names, manager, num_fewshot=e.num_fewshot, limit=e.max_examples)
@@ -368,103 +310,6 @@ class Evaluator:
     def metrics(self, params: Any) -> dict[str, float]:
         """`run` flattened to logger names: {"eval/loss/val/loss": ..., "eval/hellaswag/acc": ...}."""
         return flat_metrics(self.run(params))
-
-
-def perplexity(scorer: Scorer, params: Any, tokens: np.ndarray, *, block_size: int, stride: int, batch_size: int,
-               n_bytes: int | None = None, label: str | None = None) -> dict:
-    """Exact mean loss over every token of `tokens` after the first (1-D ints), each scored once with
-    sliding windows (`data.sliding_windows`); the same result on every process.
-
-    Returns {"tokens", "windows", "loss" (nats/token), "ppl", "bytes", "bpb" (None without n_bytes)}.
-    batch_size: global windows per call, a multiple of the mesh's data x fsdp size.
-    label: when given, a progress line (`loggers.Progress`) under this name every few seconds.
-    Raises DataError for fewer than 2 tokens or a stride outside 1 .. block_size.
-    """
-    local = np.zeros(2)  # this process's rows: summed nats, scored tokens
-    windows, pending = 0, None
-    # windows start every stride tokens up to the one that ends at the last target (data.sliding_windows)
-    total = 1 + -(-max(0, len(tokens) - 1 - block_size) // stride)
-    progress = loggers.Progress(label, total, "windows") if label else None
-
-    def read(out: jax.Array, counts: np.ndarray) -> np.ndarray:
-        return sum((np.array([v.astype(np.float64).sum(), counts[rows].sum()]) for rows, v in local_rows(out)),
-                   np.zeros(2))
-
-    for x, y, mask in data.sliding_windows(tokens, block_size=block_size, stride=stride, batch_size=batch_size):
-        counts = mask.sum(axis=1, dtype=np.float64)
-        windows += int((counts > 0).sum())
-        out = scorer(params, x[:, None], y[:, None], mask[:, None])
-        if pending is not None:  # read the previous batch while this one runs
-            local += read(*pending)
-        pending = (out, counts)
-        if progress:
-            progress.update(int((counts > 0).sum()))
-    local += read(*pending)
-    nats, n = gather_sum(local)
-    loss = nats / n
-    ppl = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
-    return {"tokens": int(round(n)), "windows": windows, "loss": loss, "ppl": ppl, "bytes": n_bytes,
-            "bpb": nats / math.log(2) / n_bytes if n_bytes else None}
-
-
-def score_rows(scorer: Scorer, params: Any, token_rows: Sequence[Sequence[int]], n_scored: Sequence[int], *,
-               batch_size: int, block_size: int, greedy: bool = False, progress: loggers.Progress | None = None,
-               rows_per_unit: int = 1) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
-    """The summed negative log-likelihood of the last n_scored[i] targets of each row: the one path
-    behind HellaSwag and lm-evaluation-harness's loglikelihood and rolling requests.
-
-    Rows (`nanogpt_jax.rows`: 2 .. block_size + 1 ids each) are sorted by length and padded to a few
-    length buckets, batch_size rows per jitted call over the mesh; every process passes the same
-    rows and gets every row's result (one gather at the end). Returns (nll float64 (n,) nats,
-    greedy bool (n,) or None, the padded lengths used). progress: counted in units of
-    rows_per_unit rows (HellaSwag: 4 rows, one example).
-    """
-    n = len(token_rows)
-    local = np.zeros(2 * n)  # this process's rows: summed nats, then greedy misses
-    pending, lengths, done = None, set(), 0
-
-    def read(out: Any, ids: np.ndarray) -> np.ndarray:
-        total = np.zeros_like(local)
-        for offset, array in zip((0, n), out if greedy else (out,), strict=False):  # the sums, then the misses
-            for rows_, values in local_rows(array):
-                held = ids[rows_]
-                keep = held >= 0
-                total[offset + held[keep]] += values[keep, 0]
-        return total
-
-    for x, y, mask, ids in rows.batches(token_rows, n_scored, batch_size, block_size):
-        lengths.add(x.shape[-1])
-        out = scorer(params, x, y, mask, greedy=greedy)
-        if pending is not None:  # read the previous batch while this one runs
-            local += read(*pending)
-        pending = (out, ids)
-        if progress:
-            before, done = done, done + int((ids >= 0).sum())
-            progress.update(done // rows_per_unit - before // rows_per_unit)
-    if pending is not None:
-        local += read(*pending)
-    totals = gather_sum(local)
-    return totals[:n], (totals[n:] == 0 if greedy else None), sorted(lengths)
-
-
-def hellaswag_accuracy(scorer: Scorer, params: Any, examples: Sequence[hellaswag.Rendered], *, batch_size: int,
-                       block_size: int, label: str | None = None) -> dict:
-    """HellaSwag accuracies (acc, acc_norm_token, acc_norm_char; see nanogpt_jax/hellaswag.py) over
-    rendered examples, their 4 x batch_size ending rows per call (`score_rows`); the same result on
-    every process. Returns {"examples", "row_lengths" (the padded lengths used), and each accuracy
-    (a fraction)}. label: when given, a progress line (`loggers.Progress`) under this name every few seconds."""
-    token_rows = [r for ex in examples for r in ex.rows]
-    n_scored = [k for ex in examples for k in ex.n_scored]
-    progress = loggers.Progress(label, len(examples), "examples") if label else None
-    nll, _, lengths = score_rows(scorer, params, token_rows, n_scored, batch_size=hellaswag.N_ENDINGS * batch_size,
-                                 block_size=block_size, progress=progress, rows_per_unit=hellaswag.N_ENDINGS)
-    nll_E4 = nll.reshape(len(examples), hellaswag.N_ENDINGS)
-    correct = np.array([hellaswag.correct(ex, s) for ex, s in zip(examples, nll_E4, strict=True)]).reshape(
-        len(examples), len(hellaswag.METRICS))
-    result = {"examples": len(examples), "row_lengths": lengths}
-    result.update({m: (float(c) / len(examples) if examples else None)
-                   for m, c in zip(hellaswag.METRICS, correct.sum(axis=0), strict=True)})
-    return result
 
 
 METRICS = ("loss", "ppl", "bpb") + hellaswag.METRICS
@@ -556,16 +401,15 @@ def run(config: ConfigDict, out: TextIO | None = None) -> dict:
                           "name such as gpt2, or a Hugging Face folder")
     if config.init_from != "resume" and "loss" in config.eval.tasks:
         _check_loss_data(config.data.data_dir)  # before the weights are read
-    from nanogpt_jax import sample  # sample -> train -> evaluate: imported here, not at the top
-
-    harness_tasks = _harness_tasks(config, config.eval.tasks)  # before the weights are read
+    harness_tasks = _harness_tasks(config.eval.tasks, config.eval.lm_eval_include_path)  # before the weights are read
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    model, params, tok, source = sample.load_model(config, mesh=mesh, checkpoint=config.eval.checkpoint)
+    model, params, tok, source = restore.load_model(config, mesh=mesh, checkpoint=config.eval.checkpoint)
     logging.info("evaluating %s (%s, %s parameters) on %s", source.get("pretrained") or
                  f"{source['checkpoint']} step {source['step']}", model.config.dtype,
                  metrics.format_params(model.num_params()),
                  ", ".join(config.eval.tasks))
-    evaluator = Evaluator(config, model, mesh, tok, config.eval.tasks, data_dir=source.get("data_dir"),
+    evaluator = Evaluator(config.eval, model, mesh, tok, config.eval.tasks,
+                          data_dir=source.get("data_dir") or config.data.data_dir, cache_dir=config.data.cache_dir,
                           harness_tasks=harness_tasks)
     results = evaluator.run(params)
     settings = json.loads(config.to_json())

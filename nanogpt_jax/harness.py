@@ -10,11 +10,11 @@ The harness asks a model three things; `NanoGPTLM` answers each with this librar
                            tokenized as the harness's TemplateLM does (the context's trailing spaces move
                            to the continuation; context + continuation encoded whole, then split), cut
                            from the left to block_size + 1 tokens (`rows.continuation_row`), scored by
-                           `evaluate.score_rows` (the scorer behind our HellaSwag: rows sorted by length,
+                           `scoring.score_rows` (the scorer behind our HellaSwag: rows sorted by length,
                            padded to a few buckets, jitted batches over the mesh's data x fsdp devices and
                            every host)
     loglikelihood_rolling  the summed log-likelihood of a whole text: the windows of our `text` task
-                           (`data.window_spans`, stride eval.stride, default block_size: the harness's own
+                           (`batches.window_spans`, stride eval.stride, default block_size: the harness's own
                            disjoint rolling windows), each token scored once, through the same rows. With
                            GPT-2's BPE the text is preceded by <|endoftext|>, so its first token is scored
                            too (the harness's prefix token); a char vocabulary has none, so its first
@@ -57,9 +57,12 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
-from nanogpt_jax import data, evaluate, generate, loggers, rows, sharding
+from nanogpt_jax import config as config_lib
+from nanogpt_jax import data, generate, restore, rows, scoring, sharding
+from nanogpt_jax.batches import window_spans
 from nanogpt_jax.errors import ConfigError, UserError
 from nanogpt_jax.model import GPT
+from nanogpt_jax.progress import Progress
 from nanogpt_jax.tokenizer import Tokenizer
 
 try:  # the optional extra: without it only `require` (and its one-line error) is of use
@@ -71,7 +74,7 @@ except ImportError:
     TemplateLM = object
 
 MODEL_NAME = "nanogpt_jax"
-PREFIX = evaluate.LM_EVAL_PREFIX  # eval.tasks entries naming harness tasks: "lm_eval:arc_easy,piqa"
+PREFIX = config_lib.LM_EVAL_PREFIX  # eval.tasks entries naming harness tasks: "lm_eval:arc_easy,piqa"
 MISSING_EXTRA = ("lm_eval: tasks need EleutherAI's lm-evaluation-harness, an optional extra: "
                  "pip install -e '.[eval]' (or pip install 'lm-eval>=0.4.13')")
 DEFAULT_MAX_GEN_TOKS = 256  # the harness's default for generate_until requests without max_gen_toks
@@ -123,19 +126,19 @@ class NanoGPTLM(TemplateLM):
     """An lm-evaluation-harness model over a loaded GPT (see the module docstring for the semantics).
 
     Args:
-        model, params, tok: what `sample.load_model` returns (params placed on `mesh`).
+        model, params, tok: what `restore.load_model` returns (params placed on `mesh`).
         mesh: where to score and generate.
         batch_size: global rows per jitted scoring call and prompts per generation batch; rounded
             up to a multiple of the mesh's data x fsdp devices.
         stride: loglikelihood_rolling's window stride in tokens (1 .. block_size); None = block_size.
         source: a description of the weights for the harness's report (`get_model_info`).
-        scorer: an `evaluate.Scorer` of this model on this mesh to share (and its compilations).
+        scorer: an `scoring.Scorer` of this model on this mesh to share (and its compilations).
     """
 
     backend = "causal"  # TemplateLM._encode_pair: encode context + continuation whole, then split
 
     def __init__(self, model: GPT, params: Any, tok: Tokenizer, mesh: jax.sharding.Mesh, *, batch_size: int = 8,
-                 stride: int | None = None, source: dict | None = None, scorer: evaluate.Scorer | None = None):
+                 stride: int | None = None, source: dict | None = None, scorer: scoring.Scorer | None = None):
         require()
         super().__init__()
         self.model, self.params, self.tok, self.mesh = model, params, tok, mesh
@@ -145,7 +148,7 @@ class NanoGPTLM(TemplateLM):
         self.stride = stride or self.block_size
         if not 1 <= self.stride <= self.block_size:
             raise ConfigError(f"stride={stride}: must lie in 1 .. the model's block_size={self.block_size}")
-        self.scorer = scorer or evaluate.Scorer(lambda p, x: model.apply({"params": p}, x), mesh)
+        self.scorer = scorer or scoring.Scorer(lambda p, x: model.apply({"params": p}, x), mesh)
         self.source = source or {}
 
     @classmethod
@@ -155,8 +158,6 @@ class NanoGPTLM(TemplateLM):
              **harness_args: Any) -> NanoGPTLM:
         """The model of `--model_args` (see the module docstring); harness_args (device, max_batch_size)
         are the harness's own and ignored: the mesh decides. Raises UserError for bad values."""
-        from nanogpt_jax import sample
-
         harness_args.pop("pretrained", None)  # the run's name, for lm-eval's reports (see `main`)
         unknown = sorted(set(harness_args) - {"device", "max_batch_size"})
         if unknown:
@@ -174,7 +175,7 @@ class NanoGPTLM(TemplateLM):
             "data": {"data_dir": str(data_dir)}, "sample": {"checkpoint": checkpoint}})
         mesh = sharding.make_mesh(int(mesh_data), int(mesh_fsdp), int(mesh_tensor))
         try:
-            model, params, tok, source = sample.load_model(config, mesh=mesh, checkpoint=checkpoint)
+            model, params, tok, source = restore.load_model(config, mesh=mesh, checkpoint=checkpoint)
         except UserError as e:  # said in run_sample.py's terms: this command's are model_args
             raise type(e)(str(e).replace("--config.out_dir", "out_dir= in --model_args")
                           .replace("--config.data.data_dir", "data_dir= in --model_args")) from None
@@ -230,8 +231,8 @@ class NanoGPTLM(TemplateLM):
         scorable = [i for i, n in enumerate(n_scored) if n > 0]  # an empty continuation has log-likelihood 0
         nll, greedy = np.zeros(len(requests)), np.ones(len(requests), bool)
         if scorable:
-            progress = loggers.Progress("lm_eval loglikelihood", len(scorable), "requests")
-            nll[scorable], greedy[scorable], _ = evaluate.score_rows(
+            progress = Progress("lm_eval loglikelihood", len(scorable), "requests")
+            nll[scorable], greedy[scorable], _ = scoring.score_rows(
                 self.scorer, self.params, [token_rows[i] for i in scorable], [n_scored[i] for i in scorable],
                 batch_size=self.batch_size, block_size=self.block_size, greedy=True, progress=progress)
         out = [(-float(v), bool(g)) for v, g in zip(nll, greedy, strict=True)]
@@ -247,14 +248,14 @@ class NanoGPTLM(TemplateLM):
             ids = prefix + self.tok.encode(req.args[0])
             if len(ids) < 2:
                 continue  # nothing to predict: log-likelihood 0
-            for start, first, length in data.window_spans(len(ids), block_size=self.block_size, stride=self.stride):
+            for start, first, length in window_spans(len(ids), block_size=self.block_size, stride=self.stride):
                 token_rows.append(tuple(ids[start:start + length + 1]))
                 n_scored.append(length - first)
                 owner.append(i)
         totals = np.zeros(len(requests))
         if token_rows:
-            progress = loggers.Progress("lm_eval loglikelihood_rolling", len(token_rows), "windows")
-            nll, _, _ = evaluate.score_rows(self.scorer, self.params, token_rows, n_scored,
+            progress = Progress("lm_eval loglikelihood_rolling", len(token_rows), "windows")
+            nll, _, _ = scoring.score_rows(self.scorer, self.params, token_rows, n_scored,
                                             batch_size=self.batch_size, block_size=self.block_size,
                                             progress=progress)
             np.add.at(totals, np.array(owner), nll)
@@ -280,7 +281,7 @@ class NanoGPTLM(TemplateLM):
             prompts.append(ids)
             options.append((tuple(until), max_gen, temperature))
             groups.setdefault((len(ids), max_gen, temperature), []).append(i)
-        progress = loggers.Progress("lm_eval generate_until", len(requests), "requests")
+        progress = Progress("lm_eval generate_until", len(requests), "requests")
         for (_, max_gen, temperature), members in groups.items():
             for start in range(0, len(members), self.batch_size):
                 batch = members[start:start + self.batch_size]

@@ -56,6 +56,7 @@ from absl import logging
 from nanogpt_jax import storage
 from nanogpt_jax.errors import DataError
 from nanogpt_jax.metrics import format_mfu
+from nanogpt_jax.progress import format_duration
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -75,12 +76,6 @@ def _si(x: float) -> str:
         if abs(x) >= div:
             return f"{x / div:.3g}{suffix}" if x / div < 100 else f"{x / div:.0f}{suffix}"
     return f"{x:.3g}"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 # (metric, how the console shows it); others are left to the files
@@ -106,7 +101,7 @@ def format_line(step: int, metrics: dict[str, float], total_steps: int | None = 
     parts += [fmt(metrics[k]) for k, fmt in _CONSOLE if metrics.get(k) is not None]
     ms = metrics.get("train/ms_per_step")
     if total_steps and ms is not None and step < total_steps:
-        parts.append(f"eta {_duration((total_steps - step) * ms / 1000)}")
+        parts.append(f"eta {format_duration((total_steps - step) * ms / 1000)}")
     return " | ".join(p for p in parts if p)
 
 
@@ -119,41 +114,6 @@ class _Console:
 
     def close(self) -> None:
         pass
-
-
-PROGRESS_SECONDS = 10.0  # at most one progress line this often
-
-
-class Progress:
-    """A line every PROGRESS_SECONDS (by the clock, not per batch) about long work, on process 0:
-    'hellaswag: 120/10042 examples, 14.2 examples/s, eta 11m02s'.
-
-        progress = Progress("hellaswag", total=len(examples), unit="examples")
-        for batch in batches:
-            ...
-            progress.update(len(batch))   # logs when PROGRESS_SECONDS have passed since the last line
-
-    The rate counts from the start, so the first lines include compilation (the eta falls after).
-    """
-
-    def __init__(self, what: str, total: int, unit: str, clock: Callable[[], float] = time.monotonic):
-        self.what, self.total, self.unit, self.clock = what, total, unit, clock
-        self.done = 0
-        self.t0 = self.last = clock()
-
-    def update(self, n: int, note: str = "") -> str | None:
-        """Count `n` more units done; returns the line when one was logged (else None)."""
-        self.done += n
-        now = self.clock()
-        if now - self.last < PROGRESS_SECONDS or jax.process_index() != 0:
-            return None
-        self.last = now
-        rate = self.done / max(now - self.t0, 1e-9)
-        left = max(self.total - self.done, 0)
-        line = (f"{self.what}: {self.done:,}/{self.total:,} {self.unit}, {rate:.1f} {self.unit}/s, "
-                f"eta {_duration(left / rate) if rate > 0 else '?'}" + (f" ({note})" if note else ""))
-        logging.info("%s", line)
-        return line
 
 
 # ---- CSV ----------------------------------------------------------------------------------------

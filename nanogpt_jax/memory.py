@@ -29,7 +29,7 @@ micro-step, a compute dtype of c bytes and tensor-parallel size t:
                  plus H/t x T attention entries of 8 + c bytes (float32 scores and probabilities,
                  and the probabilities in the compute dtype for the second matmul) with the XLA
                  attention, or H/t float32 log-sum-exps with a fused attention that never writes
-                 the scores out (splash on TPUs, cuDNN's on GPUs; `model.attention_impl` decides
+                 the scores out (splash on TPUs, cuDNN's on GPUs; `attention.attention_impl` decides
                  which runs). remat="full"
                  keeps only each block's input (D x c per token and layer) plus one layer being
                  recomputed; other remat policies are counted as "none" (an upper bound)
@@ -67,8 +67,10 @@ from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
 from nanogpt_jax import data, sharding
+from nanogpt_jax.attention import attention_impl
 from nanogpt_jax.errors import ConfigError, OutOfMemoryError, UserError
-from nanogpt_jax.model import GPT, GPT2_SIZES, GPT2_VOCAB_SIZE, GPTConfig, attention_impl, loss_chunk_len
+from nanogpt_jax.loss import loss_chunk_len
+from nanogpt_jax.model import GPT, GPT2_SIZES, GPT2_VOCAB_SIZE, GPTConfig
 
 GiB = 1024**3
 
@@ -155,7 +157,9 @@ def estimate(config: GPTConfig, *, batch_size: int, grad_accum: int, mesh_shape:
     n_sharded, n_gathered, n_blocks = param_counts(config, mesh_shape)
     params = 4 * n_sharded
     heads = H // t if H % t == 0 else H
-    fused = attention_impl(config, platform or jax.default_backend()).impl in ("splash", "cudnn")
+    attention = attention_impl(config.attention, config.dtype, config.dropout, platform or jax.default_backend(),
+                               seq_len=T)
+    fused = attention.impl in ("splash", "cudnn")
     per_layer_token = 4 * D * c + 12 * D * c // t + (heads * 4 if fused else heads * T * (8 + c))
     if config.remat == "full":
         activations = tokens * (L * D * c + per_layer_token)
@@ -168,7 +172,7 @@ def estimate(config: GPTConfig, *, batch_size: int, grad_accum: int, mesh_shape:
     copies = c < 4 or f > 1  # the matmuls read a cast or all-gathered copy of the weights
     weights = (n_gathered - n_blocks + n_blocks * layers_kept // L) * c if copies else 0
     vocab = V // t if V % t == 0 else V
-    chunk = loss_chunk_len(config, batch_size // (d * f), T)
+    chunk = loss_chunk_len(config.loss, config.loss_chunk, V, batch_size // (d * f), T)
     logits = tokens * vocab * 4 if chunk >= T else 2 * batch_size // (d * f) * chunk * vocab * 4
     return MemoryEstimate(
         params=params, opt_state=2 * params, grads=params * (2 if grad_accum > 1 else 1), weights=weights,
@@ -261,8 +265,9 @@ def report(config: ConfigDict, devices: int | None = None, hbm_gib: float | None
     platform = platform or jax.default_backend()
     est = estimate(gcfg, batch_size=B, grad_accum=A, mesh_shape=shape, platform=platform)
     auto = f" (model.dtype=auto on {jax.default_backend()})" if config.model.dtype == "auto" else ""
+    attention = attention_impl(gcfg.attention, gcfg.dtype, gcfg.dropout, platform, seq_len=gcfg.block_size)
     print(f"{gcfg.n_layer} layers x {gcfg.n_embd} wide, {dtype}{auto}, remat={gcfg.remat}, attention "
-          f"{attention_impl(gcfg, platform).impl} on {platform}; {A} x {B} sequences x "
+          f"{attention.impl} on {platform}; {A} x {B} sequences x "
           f"{gcfg.block_size} tokens; {n} devices, mesh " + " ".join(f"{k}={v}" for k, v in shape.items()))
     print(f"vocabulary {gcfg.vocab_size:,} ({vocab_source})")
     hbm_bytes = int(hbm_gib * GiB) if hbm_gib else None

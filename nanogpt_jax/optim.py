@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -28,6 +29,11 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+
+    @classmethod
+    def from_section(cls, optim: Mapping[str, Any]) -> OptimConfig:
+        """From a config's optim section (a ConfigDict or dict holding at least these fields)."""
+        return cls(**{k: optim[k] for k in cls.__dataclass_fields__})
 
 
 def lr_schedule(c: OptimConfig) -> optax.Schedule:

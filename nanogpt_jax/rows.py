@@ -2,7 +2,7 @@
 
 Everything that asks "how likely is this continuation after this context?" builds its inputs here
 (HellaSwag's endings, lm-evaluation-harness's loglikelihood requests and rolling windows), and
-`nanogpt_jax.evaluate.score_rows` runs them through the one jitted scorer. Nothing here needs jax.
+`nanogpt_jax.scoring.score_rows` runs them through the one jitted scorer. Nothing here needs jax.
 
     row, n = continuation_row(ctx_ids, cont_ids, block_size)     # cut from the left to block_size + 1
     for x, y, mask, ids in batches(rows, n_scored, 32, block_size): ...

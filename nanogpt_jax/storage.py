@@ -37,6 +37,7 @@ from etils import epath
 
 from nanogpt_jax import download
 from nanogpt_jax.errors import DataError, UserError
+from nanogpt_jax.progress import Progress
 
 # A bucket folder is shared by every host of a run (and by the next run): a listing cached by gcsfs
 # would hide the checkpoints another process saved since, so gcsfs lists afresh each time.
@@ -185,8 +186,6 @@ def _expected(meta: dict, split: str) -> tuple[int | None, str | None]:
 def _download(remote: epath.Path, local: pathlib.Path, size: int, show: bool) -> None:
     """Copy `remote` to `local` by way of `local.partial`, resuming a partial copy left by a kill;
     `local` appears (renamed) only once `size` bytes are there."""
-    from nanogpt_jax.loggers import Progress
-
     partial = local.with_name(local.name + ".partial")
     done = partial.stat().st_size if partial.exists() else 0
     if done > size:  # not a prefix of this file (the bucket's file changed): start again

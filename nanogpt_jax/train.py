@@ -28,127 +28,14 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import data, distributed, evaluate, loggers, memory, metrics, sharding, storage
-from nanogpt_jax.checkpoint import Checkpointer
+from nanogpt_jax import data, distributed, evaluate, loggers, memory, metrics, run_folder, sharding, storage
+from nanogpt_jax.batches import TrainBatches, eval_batches
+from nanogpt_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanogpt_jax.errors import CheckpointError, UserError, out_of_memory_is_a_user_error
 from nanogpt_jax.model import GPT, GPTConfig, implementations
 from nanogpt_jax.optim import OptimConfig, make_optimizer
 from nanogpt_jax.runlock import RunLock, check_free
 from nanogpt_jax.step import TrainState, abstract_state, init_state, make_eval_step, make_train_step, param_shardings
-
-
-def checkpoint_dir(out_dir: str | os.PathLike) -> storage.AnyPath:
-    """out_dir/checkpoints (a local Path, or an epath.Path for a gs:// out_dir)."""
-    return storage.path(out_dir) / "checkpoints"
-
-
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def check_out_dir_writable(out_dir: str | os.PathLike) -> None:
-    """Raise UserError unless out_dir exists as a writable folder or could be created (a URL: its bucket
-    exists and this machine's credentials can list it); creates nothing."""
-    if storage.is_url(out_dir):
-        storage.check_bucket(out_dir, "out_dir")
-        return
-    path = Path(out_dir).absolute()
-    base = _nearest_existing(path)
-    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
-        why = "is not a folder" if not base.is_dir() else "is not writable"
-        raise UserError(f"out_dir={str(out_dir)!r} is not writable ({base} {why}); choose another --config.out_dir")
-
-
-def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
-    """Create out_dir (on process 0) and check it is writable; called once the first step has run."""
-    path = storage.path(out_dir)
-    if storage.is_url(out_dir):  # a bucket has no folders to create: a probe object shows we can write
-        probe = path / f".write-test-{os.getpid()}"
-        try:
-            probe.write_text("")
-            probe.unlink()
-        except Exception as e:  # noqa: BLE001 - gcsfs / google-auth errors
-            raise storage.explain(e, out_dir, "write to") from None
-        return path
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"out_dir={str(path)!r} is not writable ({e.strerror}); choose another "
-                        "--config.out_dir") from None
-    return path
-
-
-# What a run leaves in out_dir besides checkpoints/: a folder holding any of them holds a run.
-RUN_FILES = (loggers.CSV_NAME, loggers.TB_DIR, "summary.json", "loss.png")
-
-
-def check_run_folder(config: ConfigDict) -> int | None:
-    """Decide, before anything is written, whether this run may use config.out_dir.
-
-    Returns the step to resume from (init_from=resume) or None (a new run into an empty or new
-    folder). Reads only: no folder or file is created.
-
-    Raises:
-        CheckpointError: init_from=resume and out_dir has no checkpoint.
-        UserError: a gs:// out_dir whose bucket does not exist or cannot be read (credentials);
-            a new run (init_from scratch or pretrained weights) into a folder that holds a
-            run (checkpoints or logs): its files would be mixed with or replaced by the new run's;
-            or a folder with the logs of a run that never saved a checkpoint (killed early).
-        NothingToTrain: init_from=resume and the latest checkpoint is at or past train.max_iters
-            (and train.eval_only is off).
-    """
-    if storage.is_url(config.out_dir):  # no bucket or no credentials: said first, in one line
-        storage.check_bucket(config.out_dir, "out_dir")
-    out = storage.path(config.out_dir)
-    ckpt_dir = checkpoint_dir(out)
-    steps = _saved_steps(ckpt_dir)
-    logs = [name for name in RUN_FILES if (out / name).exists()]
-    if logs and not steps:  # a run stopped (killed) before its first checkpoint: nothing to resume, logs to keep
-        raise UserError(
-            f"out_dir {str(out)!r} holds the logs of a run that saved no checkpoint ({', '.join(logs)}); "
-            f"it cannot be resumed: delete the folder (rm -r {out}) to start it again, or choose a new "
-            "--config.out_dir")
-    if config.init_from == "resume":
-        if not steps:
-            raise CheckpointError(f"init_from=resume: no checkpoint in {ckpt_dir}; train first or set "
-                                  "--config.init_from=scratch")
-        if steps[-1] >= config.train.max_iters and not config.train.eval_only:
-            raise NothingToTrain(out, steps[-1], config.train.max_iters)
-        return steps[-1]
-    held = [f"checkpoint step {steps[-1]}"] if steps else []
-    held += logs
-    if held:
-        raise UserError(
-            f"out_dir {str(out)!r} already holds a run ({', '.join(held)}); continue it with "
-            "--config.init_from=resume, or start a new run with a new --config.out_dir")
-    return None
-
-
-def _saved_steps(ckpt_dir: storage.AnyPath) -> list[int]:
-    """The complete checkpoints' steps, as orbax finds them: on a bucket a step folder exists while it is
-    being written (objects cannot be renamed into place), so the folder names alone are not enough."""
-    if not ckpt_dir.is_dir():
-        return []
-    with Checkpointer(ckpt_dir, read_only=True) as ckpt:
-        return ckpt.all_steps()
-
-
-class NothingToTrain(Exception):
-    """init_from=resume found a checkpoint at or past max_iters: nothing to do, nothing to write."""
-
-    def __init__(self, out_dir: storage.AnyPath, step: int, max_iters: int):
-        super().__init__(f"nothing left to train: {out_dir} is at step {step} (train.max_iters={max_iters})")
-        self.out_dir, self.step, self.max_iters = out_dir, step, max_iters
-
-
-def optim_config(config: ConfigDict) -> OptimConfig:
-    return OptimConfig(**{k: config.optim[k] for k in OptimConfig.__dataclass_fields__})
-
 
 # ---- where the weights come from -----------------------------------------------------------
 
@@ -165,7 +52,7 @@ def build_state(config: ConfigDict, mesh: jax.sharding.Mesh, ckpt: Checkpointer,
     """The model and its TrainState from config.init_from, placed on `mesh`; plus the record of the
     checkpoint resumed from ({} otherwise)."""
     init = config.init_from
-    optimizer = make_optimizer(optim_config(config))
+    optimizer = make_optimizer(OptimConfig.from_section(config.optim))
     if init == "resume":
         step = ckpt.latest_step()
         if step is None:
@@ -269,13 +156,12 @@ class _StopFlag:
         return self.signal is not None
 
 
-def _global_eval_batches(tokens: np.ndarray, config: ConfigDict, block_size: int, mesh) -> list[tuple]:
+def _global_eval_batches(tokens: np.ndarray, *, batch_size: int, block_size: int, n_batches: int, seed: int,
+                         mesh: jax.sharding.Mesh) -> list[tuple]:
     """The fixed eval batches of a split as global (B, T) arrays (every process holds them whole)."""
     shard = sharding.batch_sharding(mesh, 2)
-    B = config.train.batch_size
     out = []
-    for x, y in data.eval_batches(tokens, batch_size=B, block_size=block_size, n_batches=config.train.eval_iters,
-                                  seed=config.seed):
+    for x, y in eval_batches(tokens, batch_size=batch_size, block_size=block_size, n_batches=n_batches, seed=seed):
         out.append(tuple(jax.make_array_from_callback(a.shape, shard, lambda idx, a=a: a[idx]) for a in (x, y)))
     return out
 
@@ -305,8 +191,9 @@ def train(config: ConfigDict) -> dict:
     if jax.process_index() == 0 and not config.train.eval_only:  # (one process tries it: two at once would clash)
         check_free(config.out_dir)  # a live run in this folder: refused now, not after this run's compile
     try:
-        resume_step = check_run_folder(config)
-    except NothingToTrain as done:
+        resume_step = run_folder.check(config.out_dir, config.init_from, config.train.max_iters,
+                                       config.train.eval_only)
+    except run_folder.NothingToTrain as done:
         return _nothing_to_train(done)
     with out_of_memory_is_a_user_error(memory.advice(config)):
         run = _Run(config, resume_step)
@@ -327,7 +214,7 @@ def train(config: ConfigDict) -> dict:
         run.release_folder()  # after the summary: until then the run is still writing
 
 
-def _nothing_to_train(done: NothingToTrain) -> dict:
+def _nothing_to_train(done: run_folder.NothingToTrain) -> dict:
     summary_path = done.out_dir / "summary.json"
     logging.info("%s; its figures: %s, loss curve: %s; to train on, raise --config.train.max_iters", done,
                  summary_path, done.out_dir / "loss.png")
@@ -354,7 +241,7 @@ class _Run:
         meta = data.load_meta(c.data.data_dir)  # a gs:// folder's meta.json is read in the bucket
         data.check_init_vocabulary(c.init_from, c.data.data_dir, meta)
         memory.check_fits(c, mesh)  # a shape too big is one line now, not a kernel OOM kill minutes later
-        check_out_dir_writable(c.out_dir)
+        run_folder.check_writable(c.out_dir)
         self.out_dir = storage.path(c.out_dir)
         self.resume_step = resume_step
         # read-only until the first step has run: restoring must not create or change anything
@@ -366,7 +253,8 @@ class _Run:
             dataset = data.Dataset(c.data.data_dir, block_size=T, model_vocab_size=gcfg.vocab_size,
                                    cache_dir=c.data.cache_dir)
             # run_eval.py's tasks at every evaluation, prepared (and checked) now rather than at the first eval
-            self.eval_tasks = evaluate.Evaluator(c, self.model, mesh, dataset.tokenizer, c.train.eval_tasks) \
+            self.eval_tasks = evaluate.Evaluator(c.eval, self.model, mesh, dataset.tokenizer, c.train.eval_tasks,
+                                                 data_dir=c.data.data_dir, cache_dir=c.data.cache_dir) \
                 if c.train.eval_tasks else None
         except BaseException:
             self.ckpt.close()
@@ -379,11 +267,14 @@ class _Run:
         self.implementations = implementations(gcfg, mesh.devices.flat[0].platform, B // sharding.batch_divisor(mesh))
         logging.info("attention: %s; loss: %s", self.implementations["attention"], self.implementations["loss"])
 
-        self.train_fn = make_train_step(self.model, optim_config(c), mesh, self.state, grad_accum=A, seed=c.seed)
+        self.train_fn = make_train_step(self.model, OptimConfig.from_section(c.optim), mesh, self.state, grad_accum=A,
+                                        seed=c.seed)
         self.eval_fn = make_eval_step(self.model, mesh, self.state.params)
-        self.batches = data.TrainBatches(dataset.split("train"), batch_size=B, block_size=T, grad_accum=A,
-                                         seed=c.seed, sharding=sharding.batch_sharding(mesh, 3))
-        self.eval_batches = {s: _global_eval_batches(dataset.split(s), c, T, mesh) for s in ("train", "val")}
+        self.batches = TrainBatches(dataset.split("train"), batch_size=B, block_size=T, grad_accum=A,
+                                    seed=c.seed, sharding=sharding.batch_sharding(mesh, 3))
+        self.eval_batches = {s: _global_eval_batches(dataset.split(s), batch_size=B, block_size=T,
+                                                     n_batches=c.train.eval_iters, seed=c.seed, mesh=mesh)
+                             for s in ("train", "val")}
         self.start = int(self.state.step)
         best = resumed.get("best_val_loss")
         self.best_val = math.inf if best is None else best
@@ -417,7 +308,7 @@ class _Run:
     def _open_files(self) -> None:
         c = self.config
         if jax.process_index() == 0:
-            prepare_out_dir(self.out_dir)
+            run_folder.prepare(self.out_dir)
             self.lock = RunLock(self.out_dir)
             self.lock.acquire()  # a second run into this folder stops here, before writing anything
         # On every process, since listing checkpoints is collective in orbax (process 0 alone hung a
@@ -435,11 +326,12 @@ class _Run:
                                            resume_step=self.resume_step, total_steps=c.train.max_iters)
 
     def _check_folder_unchanged(self) -> None:
-        """Under the lock: the folder is still as `check_run_folder` found it at the start (another run may
+        """Under the lock: the folder is still as `run_folder.check` found it at the start (another run may
         have trained in it, and ended, while this one compiled)."""
         try:
-            now = check_run_folder(self.config)
-        except NothingToTrain as e:
+            now = run_folder.check(self.config.out_dir, self.config.init_from, self.config.train.max_iters,
+                                   self.config.train.eval_only)
+        except run_folder.NothingToTrain as e:
             now = e.step
         if now != self.resume_step:
             raise UserError(
@@ -564,7 +456,7 @@ class _Run:
         # read from the folder: this process's own list may hold a save that never finished. Locally a step
         # folder gets its name when it is committed; on a bucket orbax must look for its commit marker.
         if storage.is_url(self.config.out_dir):
-            steps = _saved_steps(ckpt_dir)
+            steps = run_folder.saved_steps(ckpt_dir)
         else:
             steps = sorted(int(p.name) for p in Path(ckpt_dir).iterdir() if p.name.isdigit())
         last = f"step {steps[-1]}" if steps else "none yet"

@@ -13,8 +13,8 @@ import sys
 import pytest
 from conftest import ROOT, OutputReader, cli_env, one_error_line, run_cli, tiny_run_config
 
-from nanogpt_jax import bench, metrics
-from nanogpt_jax.bench import report
+from nanogpt_jax import metrics
+from nanogpt_jax.bench import report, runner
 from nanogpt_jax.bench import train as train_bench
 from nanogpt_jax.config import validate
 from nanogpt_jax.errors import ConfigError, DataError
@@ -32,7 +32,7 @@ def train_sweep(token_data, tmp_path_factory):
     """One train run over two batch sizes, with a given peak (MFU checkable by hand)."""
     tmp = tmp_path_factory.mktemp("sweep")
     config = bench_config(token_data, tmp, **{"bench.batch_sizes": (8, 16), "bench.peak_tflops": 2.0})
-    return config, bench.run(config)
+    return config, runner.run(config)
 
 
 def test_train_sweep_writes_documented_json_markdown_and_chart(train_sweep, capsys):
@@ -90,7 +90,7 @@ def test_unknown_device_gives_no_mfu(token_data, tmp_path, monkeypatch):
     unknown = metrics.peak_for_kind("Acme NPU 9000", "float32", "gpu")
     assert unknown.flops is None
     monkeypatch.setattr(train_bench.metrics, "device_peak", lambda device, dtype, override=None: unknown)
-    result = bench.run(bench_config(token_data, tmp_path, **{"bench.steps": 1, "bench.warmup": 0}))
+    result = runner.run(bench_config(token_data, tmp_path, **{"bench.steps": 1, "bench.warmup": 0}))
     r = result["rows"][0]["results"]
     assert r["mfu"] is None and r["peak_flops_per_device"] is None and "Acme NPU 9000" in r["peak_source"]
     assert r["tokens_per_s"] > 0
@@ -114,7 +114,7 @@ def test_compare_prints_ratios(train_sweep, token_data, tmp_path, capsys):
     again = bench_config(token_data, tmp_path, **{"bench.batch_sizes": (8,), "bench.peak_tflops": 2.0,
                                                   "bench.compare": config.bench.out, "bench.steps": 1,
                                                   "bench.warmup": 0})
-    bench.run(again)
+    runner.run(again)
     out = capsys.readouterr().out
     assert f"old: {config.bench.out}" in out and "| 2x2x32 B8 T32 float32 | tokens/s |" in out
 
@@ -129,12 +129,12 @@ def test_compare_prints_ratios(train_sweep, token_data, tmp_path, capsys):
 def test_compare_file_problems_are_one_line_errors_before_running(token_data, tmp_path, train_sweep):
     config, _ = train_sweep
     with pytest.raises(DataError, match="no such file"):
-        bench.run(bench_config(token_data, tmp_path, **{"bench.compare": str(tmp_path / "nope.json")}))
+        runner.run(bench_config(token_data, tmp_path, **{"bench.compare": str(tmp_path / "nope.json")}))
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(DataError, match="cannot read"):
-        bench.run(bench_config(token_data, tmp_path, **{"bench.compare": str(tmp_path / "bad.json")}))
+        runner.run(bench_config(token_data, tmp_path, **{"bench.compare": str(tmp_path / "bad.json")}))
     with pytest.raises(DataError, match="is a train report"):
-        bench.run(bench_config(token_data, tmp_path, **{"bench.mode": "data", "bench.compare": config.bench.out}))
+        runner.run(bench_config(token_data, tmp_path, **{"bench.mode": "data", "bench.compare": config.bench.out}))
     assert not (tmp_path / "bench").exists()  # nothing written
 
 
@@ -142,7 +142,7 @@ def test_generate_mode(token_data, tmp_path):
     config = bench_config(token_data, tmp_path, **{"bench.mode": "generate", "bench.batch_sizes": (2,),
                                                    "bench.steps": 1, "bench.warmup": 0,
                                                    "sample.max_new_tokens": 4})
-    result = bench.run(config)
+    result = runner.run(config)
     report.check(report.load(config.bench.out))
     cases = [(r["settings"]["dtype"], r["settings"]["batch_size"], r["settings"]["kv_cache"]) for r in result["rows"]]
     assert cases == [("float32", 2, True), ("float32", 2, False), ("bfloat16", 2, True), ("bfloat16", 2, False)]
@@ -164,7 +164,7 @@ def test_generate_mode_benchmarks_the_model_init_from_names(token_data, tmp_path
     config = bench_config(token_data, tmp_path, **{"bench.mode": "generate", "bench.batch_sizes": (1,),
                                                    "bench.steps": 1, "bench.warmup": 0, "sample.max_new_tokens": 2,
                                                    "init_from": str(folder)})
-    result = bench.run(config)
+    result = runner.run(config)
     for row in result["rows"]:
         s = row["settings"]
         assert (s["weights"], s["model"], s["vocab_size"], s["block_size"]) == (str(folder), "2x2x32", 97, 16)
@@ -176,7 +176,7 @@ def test_data_mode(token_data, tmp_path, with_data):
     data_dir = token_data if with_data else tmp_path / "missing"
     config = bench_config(data_dir, tmp_path, **{"bench.mode": "data", "bench.batch_sizes": (8,),
                                                  "train.gradient_accumulation_steps": 2})
-    result = bench.run(config)
+    result = runner.run(config)
     assert [(r["settings"]["grad_accum"], r["settings"]["batch_size"]) for r in result["rows"]] == [(1, 8), (2, 8)]
     for row in result["rows"]:
         s, r = row["settings"], row["results"]
@@ -188,13 +188,13 @@ def test_data_mode(token_data, tmp_path, with_data):
 
 def test_train_on_real_data(token_data, tmp_path):
     config = bench_config(token_data, tmp_path, **{"bench.data": True, "bench.steps": 1, "bench.warmup": 0})
-    [row] = bench.run(config)["rows"]
+    [row] = runner.run(config)["rows"]
     assert row["settings"]["data"] == str(token_data) and row["results"]["loss_last"] > 0
 
 
 def test_profile_mode_writes_a_trace_and_names_the_ops(token_data, tmp_path):
     config = bench_config(token_data, tmp_path, **{"bench.mode": "profile", "bench.steps": 2, "bench.warmup": 0})
-    [row] = bench.run(config)["rows"]
+    [row] = runner.run(config)["rows"]
     r = row["results"]
     trace_dir = tmp_path / "out" / "profile"
     assert r["trace_dir"] == str(trace_dir)
@@ -226,7 +226,7 @@ def test_bad_settings_are_config_errors(token_data, tmp_path, key, value, messag
 
 def test_batch_size_the_mesh_cannot_split(token_data, tmp_path):
     with pytest.raises(ConfigError, match="divisible by mesh.data"):
-        bench.run(bench_config(token_data, tmp_path, **{"bench.batch_sizes": (4,)}))
+        runner.run(bench_config(token_data, tmp_path, **{"bench.batch_sizes": (4,)}))
 
 
 def test_cli_prints_the_table_and_one_line_errors(token_data, tmp_path):

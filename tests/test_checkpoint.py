@@ -605,7 +605,7 @@ def test_a_late_report_of_a_failure_already_raised_is_not_a_second_failure(tmp_p
     """orbax's background thread may log a failed save after the caller has seen the error (the step folder's
     creation failed in both): the trainer's close() in its `finally` must not replace the error with a
     vaguer one, as it did once in CI ("saving a checkpoint ... failed" for step 20)."""
-    from nanogpt_jax import checkpoint
+    from nanogpt_jax import checkpoint_faults
 
     d = tmp_path / "ckpt"
     ckpt = Checkpointer(d)
@@ -615,12 +615,12 @@ def test_a_late_report_of_a_failure_already_raised_is_not_a_second_failure(tmp_p
         ckpt.save(5, state3, record={})
         ckpt.wait()
     echo = f"{ckpt._key}/5.orbax-checkpoint-tmp"
-    checkpoint._BackgroundSaveFailures.failures[echo] = "PermissionError: [Errno 1] Operation not permitted"
+    checkpoint_faults.BackgroundSaveFailures.failures[echo] = "PermissionError: [Errno 1] Operation not permitted"
     ckpt.wait()
-    assert echo not in checkpoint._BackgroundSaveFailures.failures
-    checkpoint._BackgroundSaveFailures.failures[echo] = "PermissionError: [Errno 1] Operation not permitted"
+    assert echo not in checkpoint_faults.BackgroundSaveFailures.failures
+    checkpoint_faults.BackgroundSaveFailures.failures[echo] = "PermissionError: [Errno 1] Operation not permitted"
     ckpt.close()
-    assert not checkpoint._BackgroundSaveFailures.pending(ckpt._key)
+    assert not checkpoint_faults.BackgroundSaveFailures.pending(ckpt._key)
 
 
 def test_bad_arguments(tmp_path, state3):

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from nanogpt_jax import convert
+from nanogpt_jax import convert, hf_files
 from nanogpt_jax.convert import export_hf, hf_to_gpt_config, load_pretrained
 from nanogpt_jax.errors import CheckpointError, ConfigError
 from nanogpt_jax.model import GPT, PADDED_VOCAB_SIZE, GPTConfig, init_params
@@ -274,7 +274,7 @@ def test_missing_files_and_torch_less_bin(hf_dir, hf_bin_dir, tmp_path, monkeypa
         load_pretrained(empty)
     with pytest.raises(CheckpointError, match="is a file"):
         load_pretrained(hf_dir / "config.json")
-    monkeypatch.setattr(convert, "_torch_available", lambda: False)
+    monkeypatch.setattr(hf_files, "_torch_available", lambda: False)
     with pytest.raises(CheckpointError, match="torch is not installed"):
         load_pretrained(hf_bin_dir)
 

@@ -15,11 +15,11 @@ import pytest
 from conftest import ROOT, free_port, tiny_run_config
 
 from nanogpt_jax import distributed, loggers
-from nanogpt_jax.checkpoint import Checkpointer
+from nanogpt_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanogpt_jax.config import validate
 from nanogpt_jax.errors import ConfigError, DataError
 from nanogpt_jax.model import GPT, GPTConfig, init_params
-from nanogpt_jax.train import checkpoint_dir, train
+from nanogpt_jax.train import train
 
 
 @pytest.fixture

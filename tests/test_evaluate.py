@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from conftest import ROOT, free_port, tiny_run_config
 
-from nanogpt_jax import evaluate, sharding, step, tokenizer
+from nanogpt_jax import evaluate, scoring, sharding, step, tokenizer
 from nanogpt_jax.errors import ConfigError, DataError
-from nanogpt_jax.evaluate import Scorer, perplexity
-from nanogpt_jax.model import GPT, token_losses
+from nanogpt_jax.loss import token_losses
+from nanogpt_jax.model import GPT
+from nanogpt_jax.scoring import Scorer, perplexity
 
 
 def random_tokens(n, vocab=97, seed=0):
@@ -24,7 +25,7 @@ def random_tokens(n, vocab=97, seed=0):
 
 
 def window_starts(n_tokens, block, stride):
-    """Written apart from data.sliding_windows: starts 0, S, 2S, ... below the last one, which ends at the end."""
+    """Written apart from batches.sliding_windows: starts 0, S, 2S, ... below the last one, which ends at the end."""
     last = max(0, n_tokens - 1 - block)
     return [s for s in range(0, last, stride)] + [last]
 
@@ -107,7 +108,7 @@ def test_bytes_of_bpe_text_and_of_a_char_vocabulary():
 
 def test_gather_sum_is_the_identity_in_one_process():
     v = np.array([1e9 + 0.123456789, 3.0])
-    assert evaluate.gather_sum(v) is v
+    assert scoring.gather_sum(v) is v
 
 
 # ---- run_eval.py on a training run ----------------------------------------------------------------
@@ -181,30 +182,30 @@ def test_eval_and_sample_find_a_runs_data_by_one_rule(tiny_run, token_data, tmp_
     """The checkpoint's recorded data folder unless data.data_dir is given (not the default); both tools agree."""
     import shutil
 
-    from nanogpt_jax import data, sample
+    from nanogpt_jax import data, restore
 
     monkeypatch.chdir(tmp_path)  # no data/openwebtext here: the default names nothing
     c = tiny_run_config(data.DEFAULT_DATA_DIR, tiny_run, init_from="resume", **{"eval.out": str(tmp_path / "e.json")})
     report = evaluate.run(c)  # the default data_dir: the run's own data (token_data) is found
     assert report["tasks"]["loss/val"]["data_dir"] == report["model"]["data_dir"] == str(token_data.resolve())
-    assert sample.load_model(c)[3]["data_dir"] == str(token_data.resolve())
+    assert restore.load_model(c)[3]["data_dir"] == str(token_data.resolve())
     copy = shutil.copytree(token_data, tmp_path / "copy")  # the same vocabulary in another folder, given explicitly
     c.data.data_dir = str(copy)
-    assert evaluate.run(c)["tasks"]["loss/val"]["data_dir"] == str(copy) == sample.load_model(c)[3]["data_dir"]
+    assert evaluate.run(c)["tasks"]["loss/val"]["data_dir"] == str(copy) == restore.load_model(c)[3]["data_dir"]
     meta = json.loads((copy / "meta.json").read_text())
     meta["chars"] = meta["chars"][::-1]  # as many characters, other ids: the run's text would come out garbled
     (copy / "meta.json").write_text(json.dumps(meta))
-    for fn in (evaluate.run, sample.load_model):
+    for fn in (evaluate.run, restore.load_model):
         with pytest.raises(DataError, match=rf"{copy}.* 64-token char vocabulary, but the checkpoint was trained on "
                                             rf"{token_data.resolve()}"):
             fn(c)
 
 
 def test_an_hf_folder_without_data_is_told_to_pick_tasks_before_loading(hf_folder, tmp_path, monkeypatch):
-    from nanogpt_jax import data, sample
+    from nanogpt_jax import data, restore
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sample, "load_model", lambda *a, **k: pytest.fail("weights read before the data check"))
+    monkeypatch.setattr(restore, "load_model", lambda *a, **k: pytest.fail("weights read before the data check"))
     c = tiny_run_config(data.DEFAULT_DATA_DIR, tmp_path, init_from=str(hf_folder[0]))
     with pytest.raises(DataError, match=r"data.data_dir='data/openwebtext', which does not exist; choose eval.tasks "
                                         r"that need no data folder \(text, wikitext2, hellaswag\)") as e:
@@ -230,7 +231,7 @@ def test_text_task_scores_a_file_like_its_tokens(tiny_run, token_data, tmp_path)
 EVAL_ON_MESH = """
 import jax, numpy as np
 from nanogpt_jax import hellaswag, step, tokenizer
-from nanogpt_jax.evaluate import Scorer, hellaswag_accuracy, perplexity
+from nanogpt_jax.scoring import Scorer, hellaswag_accuracy, perplexity
 from nanogpt_jax.model import GPT, GPTConfig, init_params
 
 def eval_on_mesh(mesh, cache_dir):
@@ -367,9 +368,9 @@ def test_wikitext2_and_hellaswag_are_capped_by_max_examples_and_show_progress(hf
                                                                               caplog):
     import logging
 
-    from nanogpt_jax import loggers
+    from nanogpt_jax import progress
 
-    monkeypatch.setattr(loggers, "PROGRESS_SECONDS", 0.0)  # a line at every batch, so this short run shows them
+    monkeypatch.setattr(progress, "PROGRESS_SECONDS", 0.0)  # a line at every batch, so this short run shows them
     c = tiny_run_config(tmp_path / "no-data", tmp_path, **{
         "init_from": str(hf_folder[0]), "eval.tasks": ("wikitext2", "hellaswag"), "eval.max_examples": 3,
         "eval.cache_dir": str(tmp_path / "cache"), "eval.out": str(tmp_path / "r.json")})

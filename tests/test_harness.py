@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, tiny_run_config
 
-from nanogpt_jax import evaluate, harness, hellaswag, sample, step, tokenizer
+from nanogpt_jax import evaluate, harness, hellaswag, sample, scoring, step, tokenizer
 from nanogpt_jax.errors import ConfigError, DataError, UserError
 from nanogpt_jax.model import init_params
 from nanogpt_jax.train import train
@@ -113,7 +113,7 @@ def test_the_harness_prompt_is_the_harness_hellaswag_preprocessing(task_dir):
 
 def hellaswag_ours(lm, examples):
     rendered = [hellaswag.render(lm.tok, ex, lm.block_size, "harness") for ex in examples]
-    return evaluate.hellaswag_accuracy(lm.scorer, lm.params, rendered, batch_size=lm.batch_size // 4,
+    return scoring.hellaswag_accuracy(lm.scorer, lm.params, rendered, batch_size=lm.batch_size // 4,
                                        block_size=lm.block_size)
 
 

@@ -9,8 +9,8 @@ from jax.sharding import PartitionSpec as P
 
 from nanogpt_jax import hellaswag, rows, sharding, step, tokenizer
 from nanogpt_jax.errors import DataError
-from nanogpt_jax.evaluate import Scorer, hellaswag_accuracy
 from nanogpt_jax.model import GPT, GPTConfig, init_params
+from nanogpt_jax.scoring import Scorer, hellaswag_accuracy
 
 
 class PieceTokenizer:

@@ -73,22 +73,6 @@ def test_mfu_above_100_percent_on_the_console_raw_in_the_files(tmp_path, caplog)
     assert [r["train/mfu"] for r in _csv_rows(tmp_path)[1]] == ["1.37", "1.41"]  # the raw figure
 
 
-def test_progress_lines_come_by_the_clock_not_per_batch(caplog):
-    now = [100.0]
-    progress = loggers.Progress("hellaswag", total=10042, unit="examples", clock=lambda: now[0])
-    lines = []
-    for _ in range(40):  # a batch of 8 every 1.5 s: a line every PROGRESS_SECONDS, not every batch
-        now[0] += 1.5
-        lines.append(progress.update(8))
-    logged = [line for line in lines if line]
-    assert loggers.PROGRESS_SECONDS == 10 and [i for i, line in enumerate(lines) if line] == [6, 13, 20, 27, 34]
-    assert logged[0] == "hellaswag: 56/10,042 examples, 5.3 examples/s, eta 31m12s"  # 56 in 10.5 s
-    with caplog.at_level(logging.INFO):
-        now[0] += 60
-        progress.update(8, "bfloat16")
-    assert "hellaswag: 328/10,042 examples" in caplog.text and caplog.text.rstrip().endswith("(bfloat16)")
-
-
 def test_tensorboard_events_and_config_read_back(tmp_path):
     with MetricLogger(tmp_path, config={"model": {"n_layer": 2}, "optim": {"lr": 1e-3}}) as logger:
         for step in (0, 10, 20):

@@ -8,18 +8,16 @@ import numpy as np
 import pytest
 
 from nanogpt_jax import sharding
-from nanogpt_jax.model import (
-    GPT,
-    GPTConfig,
-    _batch_shards,
+from nanogpt_jax.loss import (
+    batch_shards,
     chunked_token_losses,
     describe_loss,
     head_logits,
-    init_params,
     lm_loss,
     loss_chunk_len,
     token_losses,
 )
+from nanogpt_jax.model import GPT, GPTConfig, init_params
 
 B, T, D, V = 4, 12, 16, 37
 
@@ -78,14 +76,14 @@ def test_model_losses_equal_lm_loss_of_the_logits(tiny_params, tiny_config):
 
 
 def test_chunk_length_from_the_shapes():
-    gpt2 = GPTConfig.gpt2("gpt2", vocab_size=50304)
-    assert loss_chunk_len(gpt2, rows=32, T=1024) == 32  # 32 x 32 x 50304 x 4 bytes = 197 MiB <= 256 MiB
-    assert loss_chunk_len(gpt2, rows=1, T=1024) == 1024  # the whole logits fit: one chunk
-    assert loss_chunk_len(gpt2, rows=32, T=1021) == 41  # a prime T: padded chunks, not chunks of 1
-    assert loss_chunk_len(dataclasses.replace(gpt2, loss="full"), rows=32, T=1024) == 1024
-    assert loss_chunk_len(dataclasses.replace(gpt2, loss_chunk=100), rows=32, T=1024) == 100
-    assert describe_loss(gpt2, 32, 1024) == "chunked: 32 x 32 positions"
-    assert describe_loss(dataclasses.replace(gpt2, loss="full"), 32, 1024) == "full"
+    V = 50304  # GPT-2's padded vocabulary; GPTConfig's defaults: loss="chunked", loss_chunk=0
+    assert loss_chunk_len("chunked", 0, V, rows=32, T=1024) == 32  # 32 x 32 x 50304 x 4 bytes = 197 MiB <= 256 MiB
+    assert loss_chunk_len("chunked", 0, V, rows=1, T=1024) == 1024  # the whole logits fit: one chunk
+    assert loss_chunk_len("chunked", 0, V, rows=32, T=1021) == 41  # a prime T: padded chunks, not chunks of 1
+    assert loss_chunk_len("full", 0, V, rows=32, T=1024) == 1024
+    assert loss_chunk_len("chunked", 100, V, rows=32, T=1024) == 100
+    assert describe_loss("chunked", 0, V, 32, 1024) == "chunked: 32 x 32 positions"
+    assert describe_loss("full", 0, V, 32, 1024) == "full"
     with pytest.raises(ValueError, match="loss='fused'"):
         GPTConfig(loss="fused")
 
@@ -102,5 +100,5 @@ def test_chunk_follows_the_rows_each_device_holds(tiny_config):
     mesh = sharding.make_mesh(4, 2, 1)
     with sharding.activate(mesh):
         out = jax.jit(lambda p, x, y: model.apply({"params": p}, x, y, method=GPT.losses))(params, x, y)
-        assert _batch_shards(8) == 8 and _batch_shards(4) == 1
+        assert batch_shards(8) == 8 and batch_shards(4) == 1
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)

@@ -17,8 +17,8 @@ import pytest
 from conftest import ROOT, free_port, tiny_run_config
 from test_distributed import _final_params
 
-from nanogpt_jax.checkpoint import Checkpointer
-from nanogpt_jax.train import checkpoint_dir, train
+from nanogpt_jax.checkpoint import Checkpointer, checkpoint_dir
+from nanogpt_jax.train import train
 
 HEARTBEAT_S = 10
 NOISE = ("Traceback", "Fatal Python error", "Check failure", "Aborted", "client.h", "coordination_service")

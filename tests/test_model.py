@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nanogpt_jax.model import GPT, GPT2_SIZES, GPTConfig, KVCache, crop_block_size, init_params, lm_loss
+from nanogpt_jax.loss import lm_loss
+from nanogpt_jax.model import GPT, GPT2_SIZES, GPTConfig, KVCache, crop_block_size, init_params
 
 GPT2_PARAM_COUNTS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
                      "gpt2-xl": 1_557_611_200}
@@ -106,7 +107,7 @@ def test_scan_and_remat_give_the_same_function(tiny_config, tiny_params, remat):
 def test_recomputing_layer_norms_and_gelus_changes_no_value(tiny_config, tiny_params, monkeypatch, scan):
     """On accelerators the backward pass recomputes LayerNorms and GELUs (`recompute_elementwise`);
     forced on here, the loss and every gradient are those of the plain CPU path."""
-    from nanogpt_jax import model as model_lib
+    from nanogpt_jax import layers
 
     idx = jax.random.randint(jax.random.key(4), (2, 16), 0, tiny_config.vocab_size)
     model = GPT(dataclasses.replace(tiny_config, scan_layers=scan))
@@ -118,7 +119,7 @@ def test_recomputing_layer_norms_and_gelus_changes_no_value(tiny_config, tiny_pa
     ref_loss, ref_grads = jax.value_and_grad(loss)(params)
     # jax.checkpoint's primitive is remat2; fresh lambdas, since make_jaxpr caches traces per function
     assert "remat" not in str(jax.make_jaxpr(lambda p: loss(p))(params))
-    monkeypatch.setattr(model_lib, "recompute_elementwise", lambda: True)
+    monkeypatch.setattr(layers, "recompute_elementwise", lambda: True)
     assert str(jax.make_jaxpr(lambda p: loss(p))(params)).count("remat") >= 4  # ln_1, ln_2, mlp.c_proj, ln_f
     out_loss, out_grads = jax.value_and_grad(lambda p: loss(p))(params)
     np.testing.assert_allclose(out_loss, ref_loss, rtol=1e-6)

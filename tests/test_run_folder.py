@@ -17,9 +17,10 @@ import pytest
 from conftest import ROOT, cli_env, free_port, make_unwritable, one_error_line, run_cli, tiny_run_config
 
 from nanogpt_jax import loggers, storage
-from nanogpt_jax.checkpoint import Checkpointer
+from nanogpt_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanogpt_jax.errors import UserError
-from nanogpt_jax.train import RUN_FILES, checkpoint_dir, train
+from nanogpt_jax.run_folder import RUN_FILES
+from nanogpt_jax.train import train
 
 
 def run_train_cli(data_dir, out_dir, *args, env=None, **overrides):
@@ -57,7 +58,7 @@ def test_the_same_command_again_leaves_every_file_and_compiles_nothing(token_dat
 
 
 def _write_run_file(out, name: str) -> None:
-    """One of train.RUN_FILES as a run leaves it (TensorBoard's is a folder of event files); `out` is a
+    """One of run_folder.RUN_FILES as a run leaves it (TensorBoard's is a folder of event files); `out` is a
     local folder or a gs:// URL."""
     content = {"metrics.csv": "step,train/loss\n0,4.0\n", "summary.json": '{"iterations": 3}',
                "loss.png": b"\x89PNG\r\n\x1a\n", loggers.TB_DIR: b"events"}[name]
@@ -264,7 +265,7 @@ def test_a_background_save_failure_is_seen_without_a_new_save_and_exits(tmp_path
     code = f"""
 import sys, time
 import jax.numpy as jnp
-from nanogpt_jax import checkpoint, cli
+from nanogpt_jax import checkpoint, checkpoint_faults, cli
 from nanogpt_jax.errors import CheckpointError
 sys.path.insert(0, {str(ROOT / "tests")!r})
 from conftest import make_unwritable
@@ -272,7 +273,7 @@ ckpt = checkpoint.Checkpointer({str(tmp_path / "ck")!r})
 ckpt.save(1, {{"w": jnp.ones(4)}}, record={{}})
 ckpt.wait()
 make_unwritable(ckpt._path)
-checkpoint._write_problem = lambda path: None  # as if the folder failed only after the probe
+checkpoint_faults.write_problem = lambda path: None  # as if the folder failed only after the probe
 ckpt.save(2, {{"w": jnp.ones(4)}}, record={{}})
 deadline = time.time() + 60
 while time.time() < deadline:

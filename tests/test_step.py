@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from nanogpt_jax import sharding
-from nanogpt_jax.model import GPT, GPTConfig, describe_loss
+from nanogpt_jax.loss import describe_loss
+from nanogpt_jax.model import GPT, GPTConfig
 from nanogpt_jax.optim import OptimConfig, lr_schedule, make_optimizer
 from nanogpt_jax.step import accumulate_gradients, init_state, make_eval_step, make_train_step
 
@@ -199,7 +200,7 @@ def test_schedule_is_nanogpts():
 def test_chunked_loss_step_equals_full_logits_step(one_device):
     """Chunks of 5 positions (not dividing T=16), sharded, train as the whole (B, T, V) logits do: at
     this size the default chunk is all of T, so the one_device run is the plain computation."""
-    assert describe_loss(CONFIG, 8, 16) == "chunked: 1 x 16 positions"
+    assert describe_loss(CONFIG.loss, CONFIG.loss_chunk, CONFIG.vocab_size, 8, 16) == "chunked: 1 x 16 positions"
     _, ref_losses, _, _ = one_device
     _, losses, _ = run(sharding.make_mesh(2, 2, 2), config=dataclasses.replace(CONFIG, loss_chunk=5))
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)

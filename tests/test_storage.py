@@ -22,10 +22,10 @@ import pytest
 from conftest import ROOT, cli_env, free_port, tiny_run_config
 
 from nanogpt_jax import loggers, prepare, runlock, storage
-from nanogpt_jax.checkpoint import Checkpointer
+from nanogpt_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanogpt_jax.errors import DataError, UserError
 from nanogpt_jax.model import GPT, GPTConfig, init_params
-from nanogpt_jax.train import checkpoint_dir, train
+from nanogpt_jax.train import train
 
 
 def upload_data(token_data, url: str) -> str:

@@ -16,9 +16,9 @@ import pytest
 from conftest import ROOT, OutputReader, cli_env, one_error_line, run_cli, tiny_run_config
 
 from nanogpt_jax import loggers
-from nanogpt_jax.checkpoint import Checkpointer
+from nanogpt_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanogpt_jax.errors import CheckpointError, ConfigError, DataError, UserError
-from nanogpt_jax.train import checkpoint_dir, train
+from nanogpt_jax.train import train
 
 
 def run_train_cli(*args, devices=8, **kwargs):

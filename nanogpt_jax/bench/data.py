@@ -107,11 +107,11 @@ def bench_loader(path: Path | np.ndarray, grad_accum: int, batches: int = 300, b
     """Batches/s and host ms per batch of `TrainBatches` over a uint16 .bin file (or 1-D tokens):
     `local` (the numpy windows: this host's work) and `global` (with the copy to the devices, on
     `sharding` when given), after 5 untimed batches."""
-    from nanogpt_jax import data
+    from nanogpt_jax.batches import TrainBatches
 
     tokens = np.memmap(path, dtype=np.uint16, mode="r") if isinstance(path, (str, Path)) else path
-    b = data.TrainBatches(tokens, batch_size=batch_size, block_size=block_size, grad_accum=grad_accum, seed=0,
-                          sharding=sharding)
+    b = TrainBatches(tokens, batch_size=batch_size, block_size=block_size, grad_accum=grad_accum, seed=0,
+                     sharding=sharding)
     row = {"batch_size": batch_size, "block_size": block_size, "grad_accum": grad_accum}
     for name, fn in (("local", b.local), ("global", lambda s: [a.block_until_ready() for a in b.global_(s)])):
         for s in range(5):  # warm up
@@ -128,14 +128,14 @@ RSS_CHILD = r"""
 import sys
 from pathlib import Path
 import numpy as np
-from nanogpt_jax import data
+from nanogpt_jax.batches import TrainBatches
 def rss():
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
 path, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 tokens = np.memmap(path, dtype=np.uint16, mode="r")
-b = data.TrainBatches(tokens, batch_size=12, block_size=1024, seed=0)
+b = TrainBatches(tokens, batch_size=12, block_size=1024, seed=0)
 if mode == "naive":  # one long-lived mapping, as a loader that opens the file once would read it
     read = lambda s: tokens[b.offsets(s)[..., None] + np.arange(1025)].astype(np.int32)
 else:

@@ -19,8 +19,8 @@ from absl import app, flags
 
 from nanogpt_jax import config as config_lib
 from nanogpt_jax import hellaswag, sharding, tokenizer
-from nanogpt_jax.evaluate import Scorer, hellaswag_accuracy
 from nanogpt_jax.model import GPT, GPT2_SIZES, GPTConfig, init_params
+from nanogpt_jax.scoring import Scorer, hellaswag_accuracy
 from nanogpt_jax.step import param_shardings
 
 

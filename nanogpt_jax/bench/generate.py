@@ -13,7 +13,7 @@ overhead. A memory-bound bound for batch 1: every weight is read once per token,
 most memory bandwidth / (4 bytes x parameters) in float32.
 
 `run_bench.py --config.bench.mode=generate` runs `bench_rows(config)`: the model `init_from` names,
-loaded as run_sample.py loads it (`sample.load_model`: out_dir's checkpoint with resume, a GPT-2 name
+loaded as run_sample.py loads it (`restore.load_model`: out_dir's checkpoint with resume, a GPT-2 name
 or an HF folder), or with init_from=scratch the config's model shape with random weights (the
 report's `weights` column says which), float32 and bfloat16, batch sizes bench.batch_sizes (default 1 and 8) with the
 KV cache and the smallest one without it; bench.warmup untimed and bench.steps timed calls per
@@ -37,8 +37,9 @@ import jax.numpy as jnp
 from absl import logging
 
 from nanogpt_jax import generate as gen
-from nanogpt_jax import loggers
+from nanogpt_jax import restore
 from nanogpt_jax.model import GPT, GPTConfig, init_params
+from nanogpt_jax.progress import Progress
 
 CASES = {  # name: (batch size, dtype, how): generate's jitted loop, stream's step per call, or no cache
     "fp32-b1": (1, "float32", "generate"),
@@ -146,9 +147,7 @@ def bench_rows(config) -> list[dict]:
         weights = "random (init_from=scratch)"
         logging.info("generate: random weights of the config's shape (init_from=scratch)")
     else:  # the model the user would sample from, the way run_sample.py loads it
-        from nanogpt_jax import sample
-
-        model, params, _, source = sample.load_model(config)
+        model, params, _, source = restore.load_model(config)
         base = dataclasses.replace(model.config, remat="none")
         weights = source.get("pretrained") or f"{source['checkpoint']} step {source['step']}"
         params = jax.tree.map(lambda x: x.astype(jnp.float32), params)  # each case casts to its own dtype
@@ -159,7 +158,7 @@ def bench_rows(config) -> list[dict]:
     rows = []
     cases = [(dtype, b, how) for dtype in ("float32", "bfloat16")
              for b, how in [(b, "generate") for b in sizes] + [(min(sizes), "nocache")]]
-    progress = loggers.Progress("generate", len(cases), "cases")
+    progress = Progress("generate", len(cases), "cases")
     for dtype, batch_size, how in cases:
         cfg = dataclasses.replace(base, dtype=dtype)
         r = bench_case(cfg, params, batch_size, how, prompt_len, new, steps, warmup=warmup)

@@ -36,11 +36,11 @@ from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
 from nanogpt_jax import data, metrics, sharding, storage
+from nanogpt_jax.batches import TrainBatches
 from nanogpt_jax.bench import report
 from nanogpt_jax.model import GPT, implementations
-from nanogpt_jax.optim import make_optimizer
+from nanogpt_jax.optim import OptimConfig, make_optimizer
 from nanogpt_jax.step import TrainState, init_state, make_train_step
-from nanogpt_jax.train import optim_config
 
 
 @dataclasses.dataclass
@@ -93,7 +93,7 @@ def setup(config: ConfigDict, batch_size: int) -> Setup:
     gcfg = config_lib.gpt_config(c, **({"vocab_size": vocab} if vocab else {}))
     model = GPT(gcfg)
     T = gcfg.block_size
-    oc = optim_config(c)
+    oc = OptimConfig.from_section(c.optim)
     state = init_state(model, make_optimizer(oc), mesh, jax.random.key(c.seed))
     step = make_train_step(model, oc, mesh, state, grad_accum=A, seed=c.seed)
     shard = sharding.batch_sharding(mesh, 3)
@@ -101,8 +101,8 @@ def setup(config: ConfigDict, batch_size: int) -> Setup:
     if c.bench.data:
         dataset = data.Dataset(c.data.data_dir, block_size=T, model_vocab_size=gcfg.vocab_size, splits=("train",),
                                cache_dir=c.data.cache_dir)
-        loader = data.TrainBatches(dataset.split("train"), batch_size=batch_size, block_size=T, grad_accum=A,
-                                   seed=c.seed, sharding=shard)
+        loader = TrainBatches(dataset.split("train"), batch_size=batch_size, block_size=T, grad_accum=A,
+                              seed=c.seed, sharding=shard)
         prefetch = loader.prefetch(0)  # as the training loop reads them: built ahead by a background thread
         it: Iterator = iter(prefetch)
         batches = lambda step: next(it)[1:]  # noqa: E731 - steps are taken in order

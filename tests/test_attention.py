@@ -1,6 +1,8 @@
-"""Splash attention: jax's Pallas TPU kernel, run here in Pallas interpret mode on the fake CPU devices,
-must equal the XLA attention; it falls back to XLA where it cannot run; "auto" picks it for TPU meshes;
-and a TPU compile of the train step with it holds less memory than with the XLA attention."""
+"""nanogpt_jax.attention: which attention runs, and the splash kernel. Splash attention (jax's Pallas TPU
+kernel, run here in Pallas interpret mode on the fake CPU devices) must equal the XLA attention; it falls
+back to XLA where it cannot run; "auto" picks it for TPU meshes; and a TPU compile of the train step with
+it holds less memory than with the XLA attention. (The KV-cache path, `attend_cached`, is checked against
+the full forward in test_model.py.)"""
 
 import dataclasses
 import importlib.util
@@ -16,9 +18,11 @@ from conftest import tiny_run_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nanogpt_jax import loggers, model, sharding, targets
+from nanogpt_jax import attention as attention_lib
+from nanogpt_jax import loggers, sharding, targets
+from nanogpt_jax.attention import attention_impl
 from nanogpt_jax.errors import ConfigError
-from nanogpt_jax.model import CausalSelfAttention, GPTConfig, attention_impl
+from nanogpt_jax.model import CausalSelfAttention, GPTConfig
 from nanogpt_jax.train import train
 
 needs_libtpu = pytest.mark.skipif(
@@ -29,15 +33,15 @@ needs_libtpu = pytest.mark.skipif(
 @pytest.fixture
 def fresh_log(monkeypatch, caplog):
     """Each fallback reason is logged once per process: forget earlier ones, capture the log."""
-    monkeypatch.setattr(model, "_logged", set())
+    monkeypatch.setattr(attention_lib, "_logged", set())
     caplog.set_level(logging.WARNING)
     return caplog
 
 
 def fallback_messages(caplog) -> list[str]:
-    """What the model logged, less the note that the kernel runs in interpret mode here."""
+    """What the attention logged, less the note that the kernel runs in interpret mode here."""
     return [r.getMessage() for r in caplog.records
-            if r.pathname.endswith("nanogpt_jax/model.py") and "interpret mode" not in r.getMessage()]
+            if r.pathname.endswith("nanogpt_jax/attention.py") and "interpret mode" not in r.getMessage()]
 
 
 def attention_and_grads(attention: str, B: int, T: int, H: int, mesh, dropout: float = 0.0, train_: bool = False):
@@ -92,9 +96,9 @@ def test_splash_without_a_mesh_in_context_runs_the_kernel_unsharded():
     scores = jnp.einsum("bthk,bshk->bhts", q, k) / 8.0
     probs = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((128, 128), bool)), scores, -jnp.inf), axis=-1)
     expected = jnp.einsum("bhts,bshk->bthk", probs, v)
-    assert_same(jax.jit(lambda *a: model.splash_attention(*a, interpret=True))(q, k, v), expected)
+    assert_same(jax.jit(lambda *a: attention_lib.splash_attention(*a, interpret=True))(q, k, v), expected)
     # no mesh in context: the platform is jax.default_backend()'s
-    assert attention_impl(GPTConfig(attention="splash", block_size=128)) == ("splash", "")
+    assert attention_impl("splash", "float32", 0.0, seq_len=128) == ("splash", "")
 
 
 @pytest.mark.parametrize("T,dropout,why", [
@@ -114,37 +118,37 @@ def test_where_splash_cannot_run_the_xla_attention_runs_and_the_log_says_why(fre
 
 
 def test_attention_impl_decides_from_the_platform():
-    auto = GPTConfig(attention="auto", dtype="bfloat16")
-    assert attention_impl(auto, "tpu") == ("splash", "")
-    assert attention_impl(auto, "gpu") == ("cudnn", "")
-    assert attention_impl(GPTConfig(attention="auto"), "gpu") == ("xla", "")  # cuDNN's kernel has no float32
-    assert attention_impl(auto, "cpu") == ("xla", "")
+    T = 1024  # attention_impl(attention, dtype, dropout, platform, seq_len=T, train=True)
+    assert attention_impl("auto", "bfloat16", 0.0, "tpu", seq_len=T) == ("splash", "")
+    assert attention_impl("auto", "bfloat16", 0.0, "gpu", seq_len=T) == ("cudnn", "")
+    assert attention_impl("auto", "float32", 0.0, "gpu", seq_len=T) == ("xla", "")  # cuDNN's kernel has no float32
+    assert attention_impl("auto", "bfloat16", 0.0, "cpu", seq_len=T) == ("xla", "")
     # the kernel it would have picked cannot run: the XLA attention, and why
-    impl, reason = attention_impl(GPTConfig(attention="auto", block_size=1000), "tpu")
+    impl, reason = attention_impl("auto", "float32", 0.0, "tpu", seq_len=1000)
     assert impl == "xla" and "1000 tokens" in reason
-    impl, reason = attention_impl(GPTConfig(attention="auto", dtype="bfloat16", dropout=0.1), "gpu")
+    impl, reason = attention_impl("auto", "bfloat16", 0.1, "gpu", seq_len=T)
     assert impl == "xla" and "cudnn attention has no dropout" in reason
-    assert attention_impl(GPTConfig(attention="splash", dropout=0.1), "tpu", train=False) == ("splash", "")
-    assert attention_impl(GPTConfig(attention="splash", block_size=1000), "tpu", seq_len=512) == ("splash", "")
+    assert attention_impl("splash", "float32", 0.1, "tpu", seq_len=T, train=False) == ("splash", "")
+    assert attention_impl("splash", "float32", 0.0, "tpu", seq_len=512) == ("splash", "")
     with pytest.raises(ConfigError, match=r"^model.attention='splash': splash attention is a TPU kernel; on GPUs"):
-        attention_impl(GPTConfig(attention="splash"), "gpu")
+        attention_impl("splash", "float32", 0.0, "gpu", seq_len=T)
     for platform, dtype, where in (("cpu", "bfloat16", "cpu devices"), ("tpu", "bfloat16", "tpu devices"),
                                    ("gpu", "float32", "dtype=float32")):
         with pytest.raises(ConfigError, match=rf"^model.attention='cudnn': .* not on {where}; use 'auto'"):
-            attention_impl(GPTConfig(attention="cudnn", dtype=dtype), platform)
+            attention_impl("cudnn", dtype, 0.0, platform, seq_len=T)
     with pytest.raises(ValueError, match="attention='flash' must be one of xla, cudnn, splash, auto"):
         GPTConfig(attention="flash")
 
 
 @needs_libtpu
 def test_auto_is_splash_for_a_tpu_mesh_and_xla_for_a_cpu_mesh():
-    auto = GPTConfig(attention="auto")
+    auto = dict(attention="auto", dtype="float32", dropout=0.0, seq_len=1024)  # GPTConfig(attention="auto")'s
     tpu_mesh = sharding.make_mesh(data=4, devices=targets.topology("v5e:2x2").devices)
     with sharding.activate(tpu_mesh):  # an AOT compile on this CPU host targets these TPU devices
-        assert model.context_platform() == "tpu" and attention_impl(auto) == ("splash", "")
+        assert attention_lib.context_platform() == "tpu" and attention_impl(**auto) == ("splash", "")
     with sharding.activate(sharding.make_mesh(data=8)):
-        assert model.context_platform() == "cpu" and attention_impl(auto) == ("xla", "")
-    assert attention_impl(auto) == ("xla", "")  # no mesh: jax.default_backend(), a CPU here
+        assert attention_lib.context_platform() == "cpu" and attention_impl(**auto) == ("xla", "")
+    assert attention_impl(**auto) == ("xla", "")  # no mesh: jax.default_backend(), a CPU here
 
 
 def test_training_with_splash_matches_xla(token_data, tmp_path, fresh_log):
