@@ -141,6 +141,34 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh) -> Any:
     return jax.tree.unflatten(jax.tree.structure(shapes), shardings)
 
 
+def param_like_shardings(tree: Any, params: Any, param_shards: Any, mesh: Mesh) -> Any:
+    """Shardings for a pytree that holds parameters and state beside them (a TrainState, any optax state).
+
+    A leaf whose key path ends with a parameter's key path and whose shape is that parameter's gets the
+    parameter's sharding (the longest such path wins): the parameters themselves, AdamW's two moments,
+    Muon's momentum, whatever optax nests them in (chains, partitions, masks). Every other leaf (step
+    counts, Muon's Newton-Schulz coefficients, a factored moment whose shape differs) is replicated.
+
+    Args:
+        tree: the pytree, leaves with a `.shape` (arrays or ShapeDtypeStructs), no logical boxes.
+        params: the parameters (shapes suffice), unboxed. param_shards: their NamedShardings, same tree.
+    Returns the tree of NamedShardings with `tree`'s structure.
+    """
+    by_path = {tuple(path): (p.shape, s) for (path, p), s in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shards), strict=True)}
+    longest = max((len(k) for k in by_path), default=0)
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path: tuple, leaf: Any) -> NamedSharding:
+        for n in range(min(longest, len(path)), 0, -1):
+            found = by_path.get(tuple(path[-n:]))
+            if found is not None and found[0] == leaf.shape:
+                return found[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
 def bytes_per_device(tree: Any) -> dict[str, int]:
     """Bytes each device holds of a pytree of jax Arrays: {device id as str: bytes}."""
     out: dict[str, int] = {}

@@ -33,7 +33,8 @@ class TrainState:
 
     step: int32, optimizer steps taken (the next step's index). Batches and dropout keys are
     functions of it, so no data-iterator or RNG state is needed.
-    params: float32 parameters. opt_state: optax AdamW state (float32 moments).
+    params: float32 parameters. opt_state: the optax state of optim.name's optimizer (float32 moments
+    sharded like their parameters: `state_shardings`).
     skipped: int32, consecutive steps skipped for a non-finite loss or gradient norm.
     n_skipped: int32, all skipped steps (the schedule's step is step - n_skipped).
     """
@@ -49,22 +50,39 @@ def _init_fn(model: GPT, optimizer: optax.GradientTransformation, params: Any | 
     def init(rng: jax.Array) -> TrainState:
         p = model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"] if params is None else params
         zero = jnp.zeros((), jnp.int32)
-        return TrainState(step=zero, params=p, opt_state=optimizer.init(p), skipped=zero, n_skipped=zero)
+        # the optimizer sees plain arrays: its state's shardings are found by state_shardings, not carried
+        # in boxes (optax's masks would put empty nodes inside them, e.g. Muon's partition)
+        opt_state = optimizer.init(nn.unbox(p))
+        return TrainState(step=zero, params=p, opt_state=opt_state, skipped=zero, n_skipped=zero)
 
     return init
+
+
+def _boxed_params(model: GPT) -> Any:
+    """`model`'s parameters as ShapeDtypeStructs in their logical-partitioning boxes (no FLOPs)."""
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+
+
+def param_axes(model: GPT) -> Any:
+    """The logical axis names of `model`'s parameters: their tree with a PartitionSpec of names per leaf,
+    e.g. ("embed", "qkv", "heads", "kv") for c_attn's kernel ("layers" first with scan_layers)."""
+    return nn.get_partition_spec(_boxed_params(model))
 
 
 def param_shardings(model: GPT, mesh: Mesh) -> Any:
     """NamedShardings of `model`'s params on `mesh`, from their logical axis names (replicated on a
     pure data-parallel mesh, split as mesh.fsdp / mesh.tensor say otherwise)."""
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
-    return sharding.logical_shardings(boxed, mesh)
+    return sharding.logical_shardings(_boxed_params(model), mesh)
 
 
 def state_shardings(model: GPT, optimizer: optax.GradientTransformation, mesh: Mesh) -> Any:
-    """NamedShardings of the TrainState on `mesh`, from the model's logical axis names."""
-    boxed = jax.eval_shape(_init_fn(model, optimizer, None), jax.random.key(0))
-    return sharding.logical_shardings(boxed, mesh)
+    """NamedShardings of the TrainState on `mesh`, for any optax optimizer: the parameters' from their
+    logical axis names, and every leaf that mirrors a parameter (same path suffix and shape: AdamW's
+    moments, Muon's momentum) that parameter's; counts and other leaves replicated
+    (`sharding.param_like_shardings`)."""
+    boxed = _boxed_params(model)
+    shapes = nn.unbox(jax.eval_shape(_init_fn(model, optimizer, None), jax.random.key(0)))
+    return sharding.param_like_shardings(shapes, nn.unbox(boxed), sharding.logical_shardings(boxed, mesh), mesh)
 
 
 def abstract_state(model: GPT, optimizer: optax.GradientTransformation, mesh: Mesh) -> Any:

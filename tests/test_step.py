@@ -5,13 +5,21 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from nanogpt_jax import sharding
 from nanogpt_jax.loss import describe_loss
 from nanogpt_jax.model import GPT, GPTConfig
 from nanogpt_jax.optim import OptimConfig, lr_schedule, make_optimizer
-from nanogpt_jax.step import accumulate_gradients, init_state, make_eval_step, make_train_step
+from nanogpt_jax.step import (
+    TrainState,
+    accumulate_gradients,
+    init_state,
+    make_eval_step,
+    make_train_step,
+    state_shardings,
+)
 
 # dropout on: its masks must be the same on every mesh and follow the step (fold_in(key(seed), step))
 CONFIG = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
@@ -204,3 +212,44 @@ def test_chunked_loss_step_equals_full_logits_step(one_device):
     _, ref_losses, _, _ = one_device
     _, losses, _ = run(sharding.make_mesh(2, 2, 2), config=dataclasses.replace(CONFIG, loss_chunk=5))
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2), (1, 1, 8)])
+@pytest.mark.parametrize("scan", [False, True])
+def test_adamw_state_shardings_are_the_moments_logical_ones(shape, scan):
+    """state_shardings finds an optimizer leaf's sharding by the parameter it mirrors (path suffix and shape).
+    For AdamW that is exactly what the moments' own logical-axis boxes gave when the optimizer was
+    initialised on the boxed parameters (how state_shardings worked before optimizers other than AdamW)."""
+    model = GPT(dataclasses.replace(CONFIG, scan_layers=scan))
+    optimizer = make_optimizer(OPTIM)
+    mesh = sharding.make_mesh(*shape)
+
+    def boxed_init(rng):
+        p = model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=p, opt_state=optimizer.init(p), skipped=zero, n_skipped=zero)
+
+    want = sharding.logical_shardings(jax.eval_shape(boxed_init, jax.random.key(0)), mesh)
+    got = state_shardings(model, optimizer, mesh)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
+        assert a == b, (jax.tree_util.keystr(path), a, b)
+
+
+def test_state_shardings_fit_any_optax_state():
+    """Optimizers whose state is not AdamW's: Lion's one moment mirrors the parameters and is sharded like
+    them; Adafactor's factored second moments (a row and a column per matrix) do not, and are replicated."""
+    model = GPT(CONFIG)
+    mesh = sharding.make_mesh(1, 4, 2)
+    kernel = ("h_0", "mlp", "c_fc", "kernel")
+    lion = state_shardings(model, optax.chain(optax.clip_by_global_norm(1.0), optax.lion(1e-3)), mesh)
+    param = lion.params
+    mu = lion.opt_state[1][0].mu
+    for key in kernel:
+        param, mu = param[key], mu[key]
+    assert mu == param and mu.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    factored = state_shardings(model, optax.adafactor(1e-3, min_dim_size_to_factor=8), mesh).opt_state
+    v_row = factored[0].v_row
+    for key in kernel:
+        v_row = v_row[key]
+    assert v_row.spec == jax.sharding.PartitionSpec()
