@@ -56,6 +56,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.train.eval_only = False  # evaluate the initial (or resumed) model on the fixed batches, print, write nothing
 
     c.optim = config_dict.ConfigDict()
+    # adamw: AdamW on every parameter (nanoGPT). muon: Muon on the hidden matrices of every block (the
+    # kernels of attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) and this same AdamW on the rest
+    # (embeddings, the tied head, biases, LayerNorm gains); docs/training.md, "Muon"
+    c.optim.name = "adamw"
     c.optim.learning_rate = 6e-4  # peak learning rate
     c.optim.min_lr = 6e-5  # floor of the cosine decay (learning_rate / 10, per Chinchilla)
     c.optim.warmup_iters = 2000  # steps of linear warmup
@@ -65,6 +69,15 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.optim.beta1 = 0.9
     c.optim.beta2 = 0.95
     c.optim.grad_clip = 1.0  # global-norm clip; 0.0 disables
+    # Muon (optim.name=muon; Keller Jordan, "Muon: An optimizer for hidden layers in neural networks", 2024,
+    # and modded-nanogpt; optax.contrib.muon). Its update is an orthogonalised matrix (entries ~1/sqrt(width)),
+    # so its learning rate is on another scale than AdamW's: modded-nanogpt's 0.02 (later records 0.05)
+    c.optim.muon_lr = 0.02  # peak; follows learning_rate's warmup and cosine: muon_lr x lr(t) / learning_rate
+    c.optim.muon_momentum = 0.95  # Nesterov momentum coefficient (optax's and modded-nanogpt's default)
+    c.optim.muon_ns_steps = 5  # Newton-Schulz iterations, coefficients (3.4445, -4.7750, 2.0315) (Jordan 2024)
+    # decoupled decay of the Muon matrices, multiplied by the Muon learning rate as AdamW's is by its own:
+    # p -= muon_lr(t) x muon_weight_decay x p each step; 0.0 as optax's default and Jordan's first Muon
+    c.optim.muon_weight_decay = 0.0
 
     c.mesh = config_dict.ConfigDict()
     # devices along each mesh axis; -1 = all remaining devices. batch is split over data x fsdp.

@@ -121,7 +121,7 @@ def compile_train_step(config: ConfigDict, topology_name: str,
     B, A, T = config.train.batch_size, config.train.gradient_accumulation_steps, gcfg.block_size
     sharding.check_batch_size(B, shape["data"] * shape["fsdp"])
     optim_config = OptimConfig.from_section(config.optim)
-    abstract = step.abstract_state(model, make_optimizer(optim_config), mesh)
+    abstract = step.abstract_state(model, make_optimizer(optim_config, step.param_axes(model)), mesh)
     train_step = step.make_train_step(model, optim_config, mesh, abstract, grad_accum=A, seed=config.seed)
     x = jax.ShapeDtypeStruct((A, B, T), jnp.int32, sharding=sharding.batch_sharding(mesh, 3))
     t0 = time.perf_counter()

@@ -15,7 +15,8 @@ micro-step, a compute dtype of c bytes and tensor-parallel size t:
     params       float32 parameters, each divided as its sharding divides it (fsdp: the model width;
                  tensor: heads, MLP units, vocabulary rows); a dimension an axis does not divide
                  stays whole, as in `sharding.logical_shardings`
-    opt_state    AdamW's two float32 moments, sharded like the parameters
+    opt_state    AdamW's two float32 moments, sharded like the parameters (optim.name=muon keeps one
+                 momentum for the blocks' matrices: then this is an upper bound)
     grads        the float32 gradient accumulator (sharded like the parameters), and one
                  micro-step's gradient beside it when accumulating (XLA fuses the clipping and the
                  AdamW update into the in-place parameter update: no buffers of their own)

@@ -1,7 +1,11 @@
-"""The optimizer: nanoGPT's learning-rate schedule and AdamW with global-norm clipping (optax).
+"""The optimizer: nanoGPT's learning-rate schedule, AdamW or Muon, and global-norm clipping (optax).
 
 This is the one place that builds the optimizer; the train step calls `update` once per step
 (gradient accumulation happens before it, never through `optax.MultiSteps`/`apply_every`).
+
+optim.name picks it: "adamw" (nanoGPT's) or "muon", where Muon (optax.contrib.muon) updates the
+hidden matrices of every block and the same AdamW updates everything else. Which parameters are
+hidden matrices is read from their logical axis names (`hidden_matrix_dims`), not from module names.
 """
 
 from __future__ import annotations
@@ -14,6 +18,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
+from ml_collections import ConfigDict
+
+from nanogpt_jax import config as config_lib
+from nanogpt_jax.errors import ConfigError
+
+OPTIMIZERS = ("adamw", "muon")  # optim.name's choices
+
+# Logical axis names (model.py) that tell the hidden matrices apart: a kernel that reads or writes the
+# residual stream ("embed") through hidden units ("heads" of attention, "mlp" units). "layers" is the
+# leading axis nn.scan stacks the blocks' parameters on (scan_layers).
+RESIDUAL_AXIS = "embed"
+HIDDEN_AXES = ("heads", "mlp")
+LAYER_AXIS = "layers"
+ADAMW_EPS = 1e-8  # torch.optim.AdamW's default, which nanoGPT uses; also Muon's (optax's default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +48,11 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    name: str = "adamw"  # one of OPTIMIZERS
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_ns_steps: int = 5
+    muon_weight_decay: float = 0.0
 
     @classmethod
     def from_section(cls, optim: Mapping[str, Any]) -> OptimConfig:
@@ -66,12 +90,106 @@ def decay_mask(params: Any) -> Any:
         lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding"), params)
 
 
-def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
-    """clip_by_global_norm(grad_clip) (if > 0), then AdamW (decoupled weight decay on `decay_mask`).
+def muon_lr_schedule(c: OptimConfig) -> optax.Schedule:
+    """Muon's learning rate at optimizer step `it`: `lr_schedule(c)` scaled by muon_lr / learning_rate,
+    so it has the same warmup and cosine shape and peaks at muon_lr (and its floor is
+    min_lr x muon_lr / learning_rate)."""
+    schedule, ratio = lr_schedule(c), c.muon_lr / c.learning_rate
+    return lambda it: schedule(it) * ratio
 
-    Epsilon 1e-8 as torch.optim.AdamW (nanoGPT). `optax.inject_hyperparams` is not used: the
-    learning rate of step t is recomputed from the schedule for logging.
+
+def _matrix_dims(names: tuple[str | None, ...]) -> optax.contrib.MuonDimensionNumbers | None:
+    """How Muon sees one parameter with these logical axis names, or None when it is no hidden matrix.
+
+    Kernels are laid out (inputs..., outputs...) (layers.Projection, nn.Dense): a block's kernel that
+    reads the residual stream has "embed" first (c_attn (D, 3, H, K), c_fc (D, 4D)), one that writes it
+    has "embed" last (attn.c_proj (H, K, D), mlp.c_proj (4D, D)). The stream's side is one axis of the
+    matrix, every other axis but "layers" is the other side (flattened by optax); "layers" is in neither,
+    which optax treats as a batch axis: each layer's matrix is orthogonalised on its own (a vmap).
+    Embeddings ("vocab"/positions x "embed"), biases and LayerNorm gains have no hidden axis: None.
     """
-    adamw = optax.adamw(lr_schedule(c), b1=c.beta1, b2=c.beta2, eps=1e-8, weight_decay=c.weight_decay,
+    axes = [i for i, n in enumerate(names) if n != LAYER_AXIS]
+    inner = [names[i] for i in axes]
+    if RESIDUAL_AXIS not in inner or not set(inner) & set(HIDDEN_AXES):
+        return None
+    if inner[0] == RESIDUAL_AXIS:  # reads the stream: x_D @ W -> hidden
+        return optax.contrib.MuonDimensionNumbers(reduction_axis=(axes[0],), output_axis=tuple(axes[1:]))
+    if inner[-1] == RESIDUAL_AXIS:  # writes the stream: hidden @ W -> y_D
+        return optax.contrib.MuonDimensionNumbers(reduction_axis=tuple(axes[:-1]), output_axis=(axes[-1],))
+    raise ValueError(f"logical axes {names}: {RESIDUAL_AXIS!r} is neither the first nor the last axis of the "
+                     "kernel, so its input and output axes cannot be told apart")
+
+
+def hidden_matrix_dims(param_axes: Any) -> Any:
+    """For each parameter, the `optax.contrib.MuonDimensionNumbers` Muon uses on it, or None for the
+    parameters AdamW keeps (embeddings, biases, LayerNorm gains); see `_matrix_dims` for the rule.
+
+    `param_axes`: the parameters' tree with each leaf's logical axis names, as a PartitionSpec
+    (`nn.get_partition_spec` of the boxed parameters; `step.param_axes(model)`) or a tuple.
+    Returns a tree of the parameters' structure.
+    Raises ValueError for a kernel whose "embed" axis is neither first nor last.
+    """
+    return jax.tree.map(lambda names: _matrix_dims(tuple(names)), param_axes,
+                        is_leaf=lambda x: isinstance(x, (PartitionSpec, tuple)))
+
+
+def _is_dims(x: Any) -> bool:
+    return x is None or isinstance(x, optax.contrib.MuonDimensionNumbers)
+
+
+def make_optimizer(c: OptimConfig, param_axes: Any = None) -> optax.GradientTransformation:
+    """clip_by_global_norm(grad_clip) (if > 0), then the optimizer c.name names.
+
+    adamw: AdamW (decoupled weight decay on `decay_mask`) on every parameter. Epsilon 1e-8 as
+    torch.optim.AdamW (nanoGPT).
+    muon: `optax.partition` of the parameters: Muon (optax.contrib.muon, Jordan 2024, "Muon: An optimizer
+    for hidden layers in neural networks", kellerjordan.github.io/posts/muon, and modded-nanogpt) on the
+    hidden matrices that `hidden_matrix_dims(param_axes)` finds, with muon_lr_schedule, muon_momentum
+    (Nesterov), muon_ns_steps quintic Newton-Schulz steps with the default coefficients
+    (3.4445, -4.7750, 2.0315), optax's width scaling sqrt(max(1, fan_out / fan_in)) and muon_weight_decay
+    (multiplied by the learning rate, like AdamW's); the very same AdamW as "adamw" on the rest.
+    optax.contrib.muon's own AdamW (Nesterov, no decay mask) updates no parameter here: its state is
+    a step count. Clipping sees every gradient, before either optimizer.
+
+    `param_axes`: the parameters' logical axis names (see `hidden_matrix_dims`); needed for muon only.
+    `optax.inject_hyperparams` is not used: the learning rate of step t is recomputed from the
+    schedule for logging.
+    Raises ValueError for an unknown c.name, or muon without param_axes.
+    """
+    adamw = optax.adamw(lr_schedule(c), b1=c.beta1, b2=c.beta2, eps=ADAMW_EPS, weight_decay=c.weight_decay,
                         mask=decay_mask)
-    return optax.chain(optax.clip_by_global_norm(c.grad_clip), adamw) if c.grad_clip > 0 else adamw
+    if c.name == "adamw":
+        tx = adamw
+    elif c.name == "muon":
+        if param_axes is None:
+            raise ValueError("make_optimizer: optim.name='muon' needs param_axes, the parameters' logical axis "
+                             "names (step.param_axes(model))")
+        dims = hidden_matrix_dims(param_axes)
+        labels = jax.tree.map(lambda d: "adamw" if d is None else "muon", dims, is_leaf=_is_dims)
+        muon = optax.contrib.muon(muon_lr_schedule(c), ns_steps=c.muon_ns_steps, beta=c.muon_momentum,
+                                  eps=ADAMW_EPS, weight_decay=c.muon_weight_decay, nesterov=True,
+                                  muon_weight_dimension_numbers=dims)
+        tx = optax.partition({"muon": muon, "adamw": adamw}, labels)
+    else:
+        raise ValueError(f"optim.name={c.name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    return optax.chain(optax.clip_by_global_norm(c.grad_clip), tx) if c.grad_clip > 0 else tx
+
+
+def check_config(config: ConfigDict) -> None:
+    """The optim section's optimizer choice and Muon keys (registered in config.EXTRA_CHECKS)."""
+    if "optim" not in config or "name" not in config.optim:
+        return
+    o = config.optim
+    if o.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={o.name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if not o.muon_lr > 0:
+        raise ConfigError(f"optim.muon_lr={o.muon_lr!r}: must be > 0")
+    if not 0.0 <= o.muon_momentum < 1.0:
+        raise ConfigError(f"optim.muon_momentum={o.muon_momentum!r}: must be in [0, 1)")
+    if not o.muon_ns_steps >= 1:
+        raise ConfigError(f"optim.muon_ns_steps={o.muon_ns_steps!r}: must be >= 1")
+    if not o.muon_weight_decay >= 0:
+        raise ConfigError(f"optim.muon_weight_decay={o.muon_weight_decay!r}: must be >= 0")
+
+
+config_lib.EXTRA_CHECKS.append(check_config)

@@ -147,7 +147,7 @@ def make_train_step(model: GPT, optimizer_config: OptimConfig, mesh: Mesh, state
     unchanged (`skipped` counts it). Dropout keys are fold_in(fold_in(key(seed), step), micro-step).
     The state is donated: its buffers are reused for the new state.
     """
-    optimizer = make_optimizer(optimizer_config)
+    optimizer = make_optimizer(optimizer_config, param_axes(model))
     schedule = lr_schedule(optimizer_config)
     shards = jax.tree.map(lambda x: x.sharding, state)
     param_shards = shards.params

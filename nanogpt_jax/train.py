@@ -35,7 +35,15 @@ from nanogpt_jax.errors import CheckpointError, UserError, out_of_memory_is_a_us
 from nanogpt_jax.model import GPT, GPTConfig, implementations
 from nanogpt_jax.optim import OptimConfig, make_optimizer
 from nanogpt_jax.runlock import RunLock, check_free
-from nanogpt_jax.step import TrainState, abstract_state, init_state, make_eval_step, make_train_step, param_shardings
+from nanogpt_jax.step import (
+    TrainState,
+    abstract_state,
+    init_state,
+    make_eval_step,
+    make_train_step,
+    param_axes,
+    param_shardings,
+)
 
 # ---- where the weights come from -----------------------------------------------------------
 
@@ -52,7 +60,7 @@ def build_state(config: ConfigDict, mesh: jax.sharding.Mesh, ckpt: Checkpointer,
     """The model and its TrainState from config.init_from, placed on `mesh`; plus the record of the
     checkpoint resumed from ({} otherwise)."""
     init = config.init_from
-    optimizer = make_optimizer(OptimConfig.from_section(config.optim))
+    optim_config = OptimConfig.from_section(config.optim)
     if init == "resume":
         step = ckpt.latest_step()
         if step is None:
@@ -65,12 +73,14 @@ def build_state(config: ConfigDict, mesh: jax.sharding.Mesh, ckpt: Checkpointer,
         if differs:  # the weights fix the shape; say so rather than ignore the setting silently
             logging.warning("init_from=resume keeps the checkpoint's model shape; ignored: %s", ", ".join(differs))
         model = GPT(GPTConfig(**{**shape, **_runtime_overrides(config)}))
+        optimizer = make_optimizer(optim_config, param_axes(model))
         state, record = ckpt.restore(abstract_state(model, optimizer, mesh), step)
         logging.info("resumed from %s at step %d", ckpt.directory, step)
         return model, state, record
     if init == "scratch":
         vocab = config.model.vocab_size or data.model_vocab_size(meta)
         model = GPT(config_lib.gpt_config(config, vocab_size=vocab))
+        optimizer = make_optimizer(optim_config, param_axes(model))
         return model, init_state(model, optimizer, mesh, jax.random.key(config.seed)), {}
     from nanogpt_jax import convert  # GPT-2 weights by name or from an HF folder
 
@@ -78,6 +88,7 @@ def build_state(config: ConfigDict, mesh: jax.sharding.Mesh, ckpt: Checkpointer,
                                         scan_layers=config.model.scan_layers)
     model = GPT(gpt_cfg)
     model, params = convert.load_pretrained(init, shardings=param_shardings(model, mesh), **asdict(gpt_cfg))
+    optimizer = make_optimizer(optim_config, param_axes(model))
     return model, init_state(model, optimizer, mesh, jax.random.key(config.seed), params=params), {}
 
 

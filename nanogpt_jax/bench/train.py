@@ -40,7 +40,7 @@ from nanogpt_jax.batches import TrainBatches
 from nanogpt_jax.bench import report
 from nanogpt_jax.model import GPT, implementations
 from nanogpt_jax.optim import OptimConfig, make_optimizer
-from nanogpt_jax.step import TrainState, init_state, make_train_step
+from nanogpt_jax.step import TrainState, init_state, make_train_step, param_axes
 
 
 @dataclasses.dataclass
@@ -94,7 +94,7 @@ def setup(config: ConfigDict, batch_size: int) -> Setup:
     model = GPT(gcfg)
     T = gcfg.block_size
     oc = OptimConfig.from_section(c.optim)
-    state = init_state(model, make_optimizer(oc), mesh, jax.random.key(c.seed))
+    state = init_state(model, make_optimizer(oc, param_axes(model)), mesh, jax.random.key(c.seed))
     step = make_train_step(model, oc, mesh, state, grad_accum=A, seed=c.seed)
     shard = sharding.batch_sharding(mesh, 3)
     close = lambda: None  # noqa: E731
