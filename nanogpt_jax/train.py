@@ -67,6 +67,13 @@ def build_state(config: ConfigDict, mesh: jax.sharding.Mesh, ckpt: Checkpointer,
             raise CheckpointError(f"init_from=resume: no checkpoint in {ckpt.directory}; train first or set "
                                   "--config.init_from=scratch")
         record = ckpt.record(step)
+        # the optimizer state is the saved optimizer's: another's cannot continue it (no optim.name in the
+        # record: a checkpoint from before there was a choice, so AdamW's)
+        saved_optim = record.get("config", {}).get("optim", {}).get("name", "adamw")
+        if saved_optim != optim_config.name:
+            raise CheckpointError(f"init_from=resume: checkpoint step {step} in {ckpt.directory} was trained with "
+                                  f"optim.name={saved_optim}, not {optim_config.name}; resume with "
+                                  f"--config.optim.name={saved_optim}, or start a new run in another out_dir")
         shape = dict(record["model"])
         differs = [f"model.{k}={config.model[k]} (checkpoint: {shape[k]})" for k in ("n_layer", "n_head", "n_embd",
                    "block_size", "bias") if k in shape and config.model[k] != shape[k]]

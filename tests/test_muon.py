@@ -33,7 +33,7 @@ from test_train import DROPOUT
 from nanogpt_jax import loggers, sharding
 from nanogpt_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanogpt_jax.config import validate
-from nanogpt_jax.errors import ConfigError
+from nanogpt_jax.errors import CheckpointError, ConfigError
 from nanogpt_jax.model import GPT, GPTConfig, init_params
 from nanogpt_jax.optim import OptimConfig, hidden_matrix_dims, make_optimizer
 from nanogpt_jax.step import abstract_state, init_state, make_train_step, param_axes
@@ -344,6 +344,20 @@ def test_muon_resume_in_process_is_bit_identical(token_data, tmp_path):
     assert loggers.read_metrics(out)["train/loss"] == loggers.read_metrics(ref_out)["train/loss"]
     mu = got.opt_state[1].inner_states["muon"].inner_state.inner_states["muon"].inner_state[0].mu
     assert np.abs(mu["h_0"]["mlp"]["c_fc"]["kernel"]).max() > 0  # the momentum was saved, not re-initialised
+
+
+@pytest.mark.slow
+def test_resume_with_the_other_optimizer_is_a_one_line_error(token_data, tmp_path):
+    """An AdamW checkpoint resumed with optim.name=muon is refused before anything is built,
+    naming the optimizer it was saved with; the folder is left as it was."""
+    out = tmp_path / "adamw"
+    train(tiny_run_config(token_data, out, **{"train.max_iters": 10}))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"^init_from=resume: checkpoint step 10 in .* was trained with "
+                       r"optim.name=adamw, not muon; resume with --config.optim.name=adamw, or start a new run"):
+        train(tiny_run_config(token_data, out, **{"init_from": "resume", "optim.name": "muon",
+                                                  "train.max_iters": 20}))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("key,value,message", [
