@@ -9,7 +9,7 @@ from nanogpt_jax.config import gpt_config, validate
 from nanogpt_jax.errors import ConfigError
 
 CONFIGS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.py") if p.stem != "__init__")
-VARIANTS = {"owt": ["gpt2-medium", "gpt2-large", "gpt2-xl"], "shakespeare_char": ["cpu"]}
+VARIANTS = {"owt": ["gpt2-medium", "gpt2-large", "gpt2-xl"], "shakespeare_char": ["cpu", "cpu_muon"]}
 
 
 def load(name, arg=None):
