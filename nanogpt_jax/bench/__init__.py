@@ -14,6 +14,9 @@ figures, the environment, the config), a .md beside it and, for two rows or more
 over bench.batch_sizes), a .png chart. bench.compare=<an earlier report> prints new / old ratios
 of the matching rows.
 The modules also run alone with their own flags: `python -m nanogpt_jax.bench.<name>`.
+`python -m nanogpt_jax.bench.optimizers --config ... --muon_lrs 0.01,0.02,0.04` trains a recipe with
+AdamW and with Muon at each learning rate and reports steps and seconds to AdamW's final val loss
+(nanogpt_jax.bench.optimizers; docs/training.md, "Muon").
 
 `runner.run` picks the mode's module; this file imports nothing, so the modules may use each other
 (profile builds on train) without an import circle through the package.
