@@ -25,7 +25,8 @@ import jax
 import numpy as np
 import pytest
 from conftest import tiny_run_config
-from test_optim import flatten, nanogpt_lr, unflatten
+from test_optim import nanogpt_lr
+from test_optim import run_optax as run_optax_with
 from test_step import ATOL, CONFIG, batches
 from test_step import OPTIM as STEP_OPTIM
 from test_train import DROPOUT
@@ -158,22 +159,7 @@ def make_problem(norms: tuple[float, ...] = (30.0, 0.2, 4.0), seed: int = 0) -> 
 
 def run_optax(c: OptimConfig, params: dict, grads: list[dict]) -> list[dict]:
     """Params (flat) after each step of make_optimizer(c, AXES)."""
-    import optax
-
-    opt = make_optimizer(c, unflatten_axes(AXES))
-
-    @jax.jit
-    def step(tree, state, g):
-        updates, state = opt.update(g, state, tree)
-        return optax.apply_updates(tree, updates), state
-
-    tree = unflatten(params)
-    state = opt.init(tree)
-    out = []
-    for g in grads:
-        tree, state = step(tree, state, unflatten(g))
-        out.append(flatten(tree))
-    return out
+    return run_optax_with(c, params, grads, unflatten_axes(AXES))
 
 
 def unflatten_axes(flat: dict) -> dict:

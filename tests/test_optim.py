@@ -94,9 +94,9 @@ def make_problem(norms: tuple[float, ...], seed: int = 0) -> tuple[dict, list[di
     return params, grads
 
 
-def run_optax(c: OptimConfig, params: dict, grads: list[dict]) -> list[dict]:
-    """Params (flat) after each step of make_optimizer(c)."""
-    opt = make_optimizer(c)
+def run_optax(c: OptimConfig, params: dict, grads: list[dict], param_axes: dict | None = None) -> list[dict]:
+    """Params (flat) after each step of make_optimizer(c, param_axes) (the axes: Muon's, tests/test_muon.py)."""
+    opt = make_optimizer(c, param_axes)
 
     @jax.jit  # one compile for all steps: op-by-op dispatch would cost seconds on a test machine
     def step(tree: dict, state: optax.OptState, g: dict) -> tuple[dict, optax.OptState]:
