@@ -245,7 +245,7 @@ def test_muon_updates_exactly_the_blocks_kernels(tiny_config, scan):
 
     state = jax.eval_shape(make_optimizer(OPTIM, param_axes(model)).init, params)
     partition = state[1].inner_states
-    muon_mu = partition["muon"].inner_state.inner_states["muon"].inner_state[0].mu
+    muon_mu = partition["muon"].inner_state[0].mu  # chain: (scale_by_muon, width, decay, lr)
     adamw = partition["adamw"].inner_state[0]
     everything = moment_leaves(params)
     assert moment_leaves(muon_mu) == set(want)
@@ -282,7 +282,8 @@ def muon_one_device():
     return get
 
 
-@pytest.mark.parametrize("shape,scan", [((1, 8, 1), False), ((2, 2, 2), False), ((2, 2, 2), True)])
+@pytest.mark.parametrize("shape,scan", [((1, 8, 1), False), ((2, 2, 2), False), ((2, 2, 2), True),
+                                        ((4, 2, 1), True)])
 def test_muon_sharded_meshes_equal_one_device(muon_one_device, shape, scan):
     """FSDP and tensor-parallel meshes (dropout on, 2 micro-batches) train with Muon as one device does: the
     same losses, and every leaf of the TrainState (params, Muon's momentum, AdamW's moments, counts) the same
@@ -295,7 +296,7 @@ def test_muon_sharded_meshes_equal_one_device(muon_one_device, shape, scan):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=ATOL,
                                    err_msg=jax.tree_util.keystr(path))
     kernels = state.params["h" if scan else "h_0"]["mlp"]["c_fc"]
-    mu = state.opt_state[1].inner_states["muon"].inner_state.inner_states["muon"].inner_state[0].mu
+    mu = state.opt_state[1].inner_states["muon"].inner_state[0].mu
     mu_kernel = (mu["h"] if scan else mu["h_0"])["mlp"]["c_fc"]["kernel"]
     assert mu_kernel.sharding == kernels["kernel"].sharding
     assert mu_kernel.addressable_shards[0].data.shape == kernels["kernel"].addressable_shards[0].data.shape
@@ -328,7 +329,7 @@ def test_muon_resume_in_process_is_bit_identical(token_data, tmp_path):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
     assert loggers.read_metrics(out)["train/loss"] == loggers.read_metrics(ref_out)["train/loss"]
-    mu = got.opt_state[1].inner_states["muon"].inner_state.inner_states["muon"].inner_state[0].mu
+    mu = got.opt_state[1].inner_states["muon"].inner_state[0].mu
     assert np.abs(mu["h_0"]["mlp"]["c_fc"]["kernel"]).max() > 0  # the momentum was saved, not re-initialised
 
 
@@ -360,3 +361,35 @@ def test_bad_optim_values_are_one_line_config_errors(key, value, message):
     c.optim[key] = value
     with pytest.raises(ConfigError, match="^" + re.escape(message) + "$"):
         validate(c)
+
+
+def compiled_collectives(optim: OptimConfig, mesh, config: GPTConfig) -> dict[str, int]:
+    """How many of each collective the compiled train step (A=1, B=8) holds on `mesh`."""
+    model = GPT(config)
+    abstract = abstract_state(model, make_optimizer(optim, param_axes(model)), mesh)
+    step = make_train_step(model, optim, mesh, abstract, grad_accum=1, seed=0)
+    x = jax.ShapeDtypeStruct((1, 8, config.block_size), np.int32, sharding=sharding.batch_sharding(mesh, 3))
+    with sharding.activate(mesh):
+        text = step.jitted.lower(abstract, x, x).compile().as_text()
+    return {op: len(re.findall(rf" {op}(-start)?\(", text)) for op in ("all-gather", "all-to-all")}
+
+
+@pytest.mark.parametrize("shape,scan", [((1, 8, 1), False), ((4, 2, 1), True)])
+def test_newton_schulz_moves_each_matrix_once(shape, scan):
+    """Newton-Schulz runs on whole matrices (optim.whole_matrices), so Muon adds a fixed number of collectives
+    to AdamW's step per hidden matrix, not some per Newton-Schulz iteration (XLA, left alone, ran the
+    iterations on fsdp shards and gathered inside them: 411 all-gathers here against AdamW's 51).
+    Unscanned blocks: each gradient and momentum is all-gathered once (2 per matrix). Scanned blocks over
+    one mesh axis: the layers are spread over it instead, one all-to-all each way for the gradient, the
+    momentum, the update and the new momentum (4 per stacked matrix) and no added all-gather."""
+    config = dataclasses.replace(CONFIG, scan_layers=scan)
+    mesh = sharding.make_mesh(*shape)
+    adamw = compiled_collectives(STEP_OPTIM, mesh, config)
+    muon = compiled_collectives(MUON, mesh, config)
+    hidden = 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+    if scan:
+        assert muon == {"all-gather": adamw["all-gather"], "all-to-all": adamw["all-to-all"] + 4 * hidden}
+    else:
+        assert adamw["all-gather"] > 0
+        assert muon == {"all-gather": adamw["all-gather"] + 2 * hidden * config.n_layer,
+                        "all-to-all": adamw["all-to-all"]}
