@@ -146,6 +146,33 @@ def char_eval_run(token_data, tmp_path_factory):
     return out
 
 
+# Dropout on in the tiny reference runs and in every run compared with them: a resume must draw the masks
+# the uninterrupted run drew (their keys are fold_in(key(seed), step)).
+DROPOUT = {"model.dropout": 0.1}
+
+# optim.name's choices as tiny_run_config overrides, for the tests that must hold for either optimizer
+# (exact resume after a kill, 2 processes = 1 process, a checkpoint restored on another mesh). Muon's
+# weight decay is on, so that a part of its state or update that goes wrong cannot hide behind a zero.
+OPTIMIZERS = {"adamw": {}, "muon": {"optim.name": "muon", "optim.muon_lr": 0.02, "optim.muon_weight_decay": 0.05}}
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(token_data, tmp_path_factory):
+    """{optim.name: (out_dir, summary)}: the tiny config for 20 steps with DROPOUT and that optimizer
+    (checkpoints at 10 and 20, evaluations at 0, 10, 20), each trained when first asked for."""
+    from nanogpt_jax.train import train
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            out = tmp_path_factory.mktemp(f"run_{name}")
+            cache[name] = out, train(tiny_run_config(token_data, out, **{**DROPOUT, **OPTIMIZERS[name]}))
+        return cache[name]
+
+    return get
+
+
 def tiny_run_config(data_dir, out_dir, **overrides):
     """configs/tiny.py pointed at `data_dir` / `out_dir`, with dotted-key overrides."""
     from configs import tiny

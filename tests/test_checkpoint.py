@@ -1,7 +1,8 @@
 """Checkpointer: round trip into a fresh state, retention, async + atomic saves, resharding, errors.
 
 The state is shaped like the trainer's: a flax.struct dataclass with step, params (tiny GPT),
-a real optax clip + AdamW state (namedtuples, a MaskedState) and a typed PRNG key.
+a real optax clip + AdamW state (namedtuples, a MaskedState) and a typed PRNG key; the resharding test
+also runs with the trainer's Muon state (optax.partition's, Muon's momentum).
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ import pytest
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from nanogpt_jax import checkpoint, storage
+from nanogpt_jax import checkpoint, optim, storage
 from nanogpt_jax.checkpoint import Checkpointer
 from nanogpt_jax.errors import CheckpointError
 from nanogpt_jax.model import GPT, GPTConfig, init_params
+from nanogpt_jax.step import param_axes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32)  # as conftest's tiny_config
@@ -46,11 +48,22 @@ class TrainState:
     rng: jax.Array
 
 
-@functools.partial(jax.jit, static_argnums=1)  # one compile instead of hundreds of eager ops
-def make_state(params, step: int = 0) -> TrainState:
-    """A state after `step` AdamW updates with made-up gradients (so mu, nu, count are not zeros)."""
+def optimizer_for(name: str, params) -> optax.GradientTransformation:
+    """adamw: clipping and AdamW, as hand-made here; muon: the trainer's Muon (optim.make_optimizer), whose
+    state adds Muon's momentum of the blocks' matrices, optax.partition's states and masked nodes."""
+    if name == "muon":
+        c = optim.OptimConfig(name="muon", learning_rate=1e-3, warmup_iters=0, lr_decay_iters=10,
+                              muon_weight_decay=0.05)
+        return optim.make_optimizer(c, param_axes(GPT(TINY)))
     mask = jax.tree.map(lambda p: p.ndim >= 2, params)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.1, mask=mask))
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.1, mask=mask))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))  # one compile instead of hundreds of eager ops
+def make_state(params, step: int = 0, optimizer: str = "adamw") -> TrainState:
+    """A state after `step` updates of `optimizer` (adamw or muon) with made-up gradients (so the moments,
+    momentum and counts are not zeros)."""
+    tx = optimizer_for(optimizer, params)
     opt_state = tx.init(params)
     for i in range(step):
         grads = jax.tree.map(lambda p, i=i: jnp.full_like(p, 0.01 * (i + 1)), params)
@@ -250,7 +263,7 @@ def _child(mode: str, directory: str, *extra: str) -> None:
         time.sleep(600)
     elif mode == "restore_1_device":
         assert jax.device_count() == 1
-        fresh = make_state(params)
+        fresh = make_state(params, 0, extra[1])
         state, record = Checkpointer(directory, read_only=True).restore(abstract(fresh))
         want = np.load(extra[0])
         got = to_numpy(state)
@@ -394,7 +407,11 @@ def fsdp_sharded(tree, n_devices: int):
 
 
 @pytest.mark.slow
-def test_8_device_checkpoint_restores_on_4_devices_and_on_1(tmp_path, params, state3):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_8_device_checkpoint_restores_on_4_devices_and_on_1(tmp_path, params, state3, optimizer):
+    if optimizer != "adamw":
+        state3 = make_state(params, 3, optimizer)
+        assert any("'muon'" in key for key in to_numpy(state3.opt_state))  # Muon's own state is in it
     to8 = fsdp_sharded(state3, 8)
     state8 = jax.tree.map(lambda x: jax.device_put(x, to8(x)), state3)
     assert len(state8.params["h_0"]["mlp"]["c_fc"]["kernel"].sharding.device_set) == 8
@@ -402,7 +419,7 @@ def test_8_device_checkpoint_restores_on_4_devices_and_on_1(tmp_path, params, st
     with Checkpointer(d) as ckpt:
         ckpt.save(3, state8, record=record_for(), val_loss=2.5)
 
-    fresh = make_state(params)
+    fresh = make_state(params, 0, optimizer)
     to4 = fsdp_sharded(fresh, 4)
     target4 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=to4(x)), fresh)
     state4, _ = Checkpointer(d, read_only=True).restore(target4)
@@ -418,7 +435,7 @@ def test_8_device_checkpoint_restores_on_4_devices_and_on_1(tmp_path, params, st
 
     # and in a process that has a single device, as a laptop resuming a pod's run would
     np.savez(tmp_path / "want.npz", **to_numpy(state3))
-    child = _spawn("restore_1_device", str(d), str(tmp_path / "want.npz"), devices=1)
+    child = _spawn("restore_1_device", str(d), str(tmp_path / "want.npz"), optimizer, devices=1)
     try:
         [(out, err)] = _communicate([child], timeout=120)
     finally:

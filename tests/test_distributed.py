@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, free_port, tiny_run_config
+from conftest import DROPOUT, OPTIMIZERS, ROOT, free_port, tiny_run_config
 
 from nanogpt_jax import distributed, loggers
 from nanogpt_jax.checkpoint import Checkpointer, checkpoint_dir
@@ -144,12 +144,14 @@ def _final_params(out_dir, step):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_then_sigterm_saves_one_step_and_resumes_in_one(token_data, tmp_path):
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_two_processes_equal_one_then_sigterm_saves_one_step_and_resumes_in_one(token_data, tmp_path, optimizer):
     """The tiny run (dropout on) as 2 processes x 4 devices: its losses are those of 1 process x 8 devices;
     a SIGTERM to process 1 alone makes both processes save the same step and exit 0; one process resumes
     that checkpoint and ends where the uninterrupted 1-process run ends. The SIGTERM lands at whatever step
-    the run has reached past its checkpoint at 10; the 1-process reference is trained after, to match."""
-    common = {"train.log_interval": 1, "model.dropout": 0.1}
+    the run has reached past its checkpoint at 10; the 1-process reference is trained after, to match.
+    With either optimizer."""
+    common = {"train.log_interval": 1, **DROPOUT, **OPTIMIZERS[optimizer]}
     out = tmp_path / "two_processes"
     # dtype auto: config validation must not start JAX's backend before jax.distributed.initialize
     procs = _launch_two_processes(token_data, out, **{"train.max_iters": 100_000, "model.dtype": "auto", **common})
@@ -173,6 +175,7 @@ def test_two_processes_equal_one_then_sigterm_saves_one_step_and_resumes_in_one(
     assert stop > 11, stop
     with Checkpointer(checkpoint_dir(out), read_only=True) as ckpt:
         assert ckpt.all_steps()[-1] == stop  # the SIGTERM save
+        assert ckpt.record(stop)["config"]["optim"]["name"] == optimizer
     assert {p.name for p in (checkpoint_dir(out) / str(stop) / "state").glob("ocdbt.process_*")} == {
         "ocdbt.process_0", "ocdbt.process_1"}  # each process wrote its own shards
 

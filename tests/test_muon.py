@@ -24,12 +24,11 @@ import re
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_run_config
+from conftest import DROPOUT, OPTIMIZERS, tiny_run_config
 from test_optim import nanogpt_lr
 from test_optim import run_optax as run_optax_with
 from test_step import ATOL, CONFIG, batches
 from test_step import OPTIM as STEP_OPTIM
-from test_train import DROPOUT
 
 from nanogpt_jax import loggers, sharding
 from nanogpt_jax.checkpoint import Checkpointer, checkpoint_dir
@@ -302,7 +301,7 @@ def test_muon_sharded_meshes_equal_one_device(muon_one_device, shape, scan):
     assert mu_kernel.addressable_shards[0].data.shape == kernels["kernel"].addressable_shards[0].data.shape
 
 
-MUON_RUN = {"optim.name": "muon", "optim.muon_lr": 0.02, "optim.muon_weight_decay": 0.05, **DROPOUT}
+MUON_RUN = {**OPTIMIZERS["muon"], **DROPOUT}
 
 
 def restore_state(out) -> dict:
@@ -317,11 +316,10 @@ def restore_state(out) -> dict:
 
 
 @pytest.mark.slow
-def test_muon_resume_in_process_is_bit_identical(token_data, tmp_path):
+def test_muon_resume_in_process_is_bit_identical(token_data, tmp_path, tiny_runs):
     """A Muon run (dropout 0.1) stopped at its step-10 checkpoint and resumed ends bit for bit where the
     uninterrupted one does: every leaf of the TrainState, Muon's momentum included, and every logged loss."""
-    ref_out, out = tmp_path / "reference", tmp_path / "resumed"
-    train(tiny_run_config(token_data, ref_out, **MUON_RUN))
+    ref_out, out = tiny_runs("muon")[0], tmp_path / "resumed"
     train(tiny_run_config(token_data, out, **{"train.max_iters": 10, **MUON_RUN}))
     train(tiny_run_config(token_data, out, **{"init_from": "resume", **MUON_RUN}))
     got, want = restore_state(out), restore_state(ref_out)

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, OutputReader, cli_env, one_error_line, run_cli, tiny_run_config
+from conftest import DROPOUT, OPTIMIZERS, ROOT, OutputReader, cli_env, one_error_line, run_cli, tiny_run_config
 
 from nanogpt_jax import loggers
 from nanogpt_jax.checkpoint import Checkpointer, checkpoint_dir
@@ -43,17 +43,16 @@ def restore_params(out_dir, step_=None):
     return jax.tree.map(np.asarray, params)
 
 
-# Dropout on in the reference run and in every run compared with it: a resume must draw the masks the
-# uninterrupted run drew (their keys are fold_in(key(seed), step)).
-DROPOUT = {"model.dropout": 0.1}
-
-
 @pytest.fixture(scope="module")
-def tiny_run(token_data, tmp_path_factory):
-    """The tiny config for 20 steps, dropout 0.1: checkpoints at 10 and 20, evaluations at 0, 10, 20."""
-    out = tmp_path_factory.mktemp("run")
-    summary = train(tiny_run_config(token_data, out, **DROPOUT))
-    return out, summary
+def tiny_run(tiny_runs):
+    """The tiny config for 20 steps with AdamW, dropout 0.1: checkpoints at 10 and 20, evaluations at 0, 10, 20."""
+    return tiny_runs("adamw")
+
+
+def saved_optimizer(out_dir) -> str:
+    """optim.name of out_dir's latest checkpoint, as its record says."""
+    with Checkpointer(checkpoint_dir(out_dir), read_only=True) as ckpt:
+        return ckpt.record(ckpt.latest_step())["config"]["optim"]["name"]
 
 
 def test_tiny_run_learns_and_writes_its_files(tiny_run):
@@ -112,12 +111,15 @@ def test_resume_in_process_is_bit_identical(token_data, tmp_path, tiny_run):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bit_identical(token_data, tmp_path, tiny_run):
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_sigkill_then_resume_is_bit_identical(token_data, tmp_path, tiny_runs, optimizer):
     """A run killed (SIGKILL) once checkpoint 10 is on disk, at whatever step it had reached, resumes from its
-    last checkpoint and ends bit for bit where the uninterrupted run does, logging each step once."""
+    last checkpoint and ends bit for bit where the uninterrupted run does, logging each step once; with
+    either optimizer (Muon's momentum is in the checkpoint, or the weights after the resume differ)."""
+    run = {**DROPOUT, **OPTIMIZERS[optimizer]}
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "run_train.py"), "--config", str(ROOT / "configs/tiny.py"),
-                             *cli_args(token_data, out, **{"train.max_iters": 100_000, **DROPOUT})], cwd=ROOT,
+                             *cli_args(token_data, out, **{"train.max_iters": 100_000, **run})], cwd=ROOT,
                             env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
@@ -131,12 +133,13 @@ def test_sigkill_then_resume_is_bit_identical(token_data, tmp_path, tiny_run):
     with Checkpointer(checkpoint_dir(out), read_only=True) as ckpt:
         killed_at = ckpt.latest_step()
     n_steps = killed_at + 10  # one more checkpoint interval past the last checkpoint the killed run committed
-    ref_out = tiny_run[0]
+    ref_out = tiny_runs(optimizer)[0]
     if n_steps != 20:  # a machine fast enough to pass checkpoint 20 before the kill: a reference that long
         ref_out = tmp_path / "reference"
-        train(tiny_run_config(token_data, ref_out, **{"train.max_iters": n_steps, **DROPOUT}))
-    done = run_train_cli(*cli_args(token_data, out, init_from="resume", **{"train.max_iters": n_steps, **DROPOUT}))
+        train(tiny_run_config(token_data, ref_out, **{"train.max_iters": n_steps, **run}))
+    done = run_train_cli(*cli_args(token_data, out, init_from="resume", **{"train.max_iters": n_steps, **run}))
     assert done.returncode == 0, done.stderr[-2000:]
+    assert saved_optimizer(out) == saved_optimizer(ref_out) == optimizer
     for a, b in zip(jax.tree.leaves(restore_params(out)), jax.tree.leaves(restore_params(ref_out)), strict=True):
         np.testing.assert_array_equal(a, b)
     got, want = loggers.read_metrics(out), loggers.read_metrics(ref_out)
