@@ -199,8 +199,12 @@ class _TensorBoard:
             self.writer.add_text("config", "    " + text.replace("\n", "\n    "), start)  # markdown code
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        for name, value in metrics.items():
-            self.writer.add_scalar(name, value, step)
+        # one event holding every scalar of the row: add_scalar per name sent an event each through
+        # tensorboardX's multiprocessing queue (~1 ms of the main thread per logged step on a 2-core CPU)
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        self.writer.file_writer.add_summary(
+            Summary(value=[Summary.Value(tag=name, simple_value=value) for name, value in metrics.items()]), step)
 
     def flush(self) -> None:
         self.writer.flush()

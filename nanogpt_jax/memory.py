@@ -358,3 +358,34 @@ if __name__ == "__main__":
     from nanogpt_jax import cli
 
     cli.main(main)
+
+
+# ---- the host allocator on CPU devices -----------------------------------------------------------------
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# Allocations below this come from the heap and are reused; above it they are mmapped afresh each time
+CPU_HEAP_BYTES = 1 << 30
+
+
+def keep_cpu_buffers_mapped(platform: str) -> bool:
+    """On CPU devices, have glibc's malloc serve XLA's per-execution buffers (up to CPU_HEAP_BYTES) from
+    its heap and keep them there when freed. Returns whether it changed the allocator.
+
+    XLA:CPU allocates a step's temporaries as one block per execution (52 MB for the shakespeare_char
+    cpu step). glibc mmaps any block above its dynamic threshold (at most 32 MB) and unmaps it on free,
+    so every step page-faulted the whole block in again: 12,800 minor faults and ~35 ms of kernel CPU
+    time per step on 2 cores, a third of the step. From the heap the block is reused: no faults, the
+    same numbers (only where the memory comes from changes). The cost is resident memory: up to the
+    largest freed block is kept rather than returned to the system. Nothing on GPU/TPU (their buffers
+    are not malloc'd; the host's own allocations are left as glibc sets them), nor without glibc."""
+    if platform != "cpu":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to set
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, CPU_HEAP_BYTES)) & bool(mallopt(_M_TRIM_THRESHOLD, CPU_HEAP_BYTES))

@@ -259,6 +259,7 @@ class _Run:
         meta = data.load_meta(c.data.data_dir)  # a gs:// folder's meta.json is read in the bucket
         data.check_init_vocabulary(c.init_from, c.data.data_dir, meta)
         memory.check_fits(c, mesh)  # a shape too big is one line now, not a kernel OOM kill minutes later
+        memory.keep_cpu_buffers_mapped(mesh.devices.flat[0].platform)  # CPU: no page faults per step
         run_folder.check_writable(c.out_dir)
         self.out_dir = storage.path(c.out_dir)
         self.resume_step = resume_step

@@ -35,7 +35,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from nanogpt_jax import config as config_lib
-from nanogpt_jax import data, metrics, sharding, storage
+from nanogpt_jax import data, memory, metrics, sharding, storage
 from nanogpt_jax.batches import TrainBatches
 from nanogpt_jax.bench import report
 from nanogpt_jax.model import GPT, implementations
@@ -88,6 +88,7 @@ def setup(config: ConfigDict, batch_size: int) -> Setup:
     c = config
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     A = c.train.gradient_accumulation_steps
+    memory.keep_cpu_buffers_mapped(mesh.devices.flat[0].platform)  # as run_train.py: CPU steps reuse heap memory
     sharding.check_batch_size(batch_size, sharding.batch_divisor(mesh), "bench batch size")
     vocab = model_vocab_size(c)
     gcfg = config_lib.gpt_config(c, **({"vocab_size": vocab} if vocab else {}))
