@@ -172,9 +172,13 @@ def _spread_spec(shape: tuple[int, ...], d: optax.contrib.MuonDimensionNumbers, 
     rematerialization" warning, CPU mesh 2x2x2): such leaves are gathered whole instead."""
     used = [a for axes in home if axes is not None for a in ((axes,) if isinstance(axes, str) else axes)
             if mesh.shape[a] > 1]
-    matrix = set(_axes(d.reduction_axis, len(shape)) + _axes(d.output_axis, len(shape)))
-    batch = [i for i in range(len(shape)) if i not in matrix and len(used) == 1 and shape[i] % mesh.shape[used[0]] == 0]
-    return PartitionSpec(*(used[0] if batch and i == batch[0] else None for i in range(len(shape))))
+    if len(used) != 1:
+        return PartitionSpec()  # whole everywhere
+    matrix = _axes(d.reduction_axis, len(shape)) + _axes(d.output_axis, len(shape))
+    for i, size in enumerate(shape):
+        if i not in matrix and size % mesh.shape[used[0]] == 0:
+            return PartitionSpec(*(used[0] if j == i else None for j in range(len(shape))))
+    return PartitionSpec()
 
 
 def whole_matrices(tx: optax.GradientTransformation, dims: Any, names: Any) -> optax.GradientTransformation:
