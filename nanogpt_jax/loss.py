@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nanogpt_jax.layers import flatten_rows
+
 Array = jax.Array
 
 LOSS_IMPLS = ("chunked", "full")
@@ -44,9 +46,13 @@ def head_logits(h_BTD: Array, wte_VD: Array, dtype: jnp.dtype) -> Array:
     """The output head tied to the token embedding: hidden (B, T, D) -> float32 logits (B, T, V).
 
     The matmul runs in `dtype` with a float32 result (`Embed.attend` would return the compute
-    dtype, too coarse for a 50k-way softmax in bfloat16).
+    dtype, too coarse for a 50k-way softmax in bfloat16). On CPUs it multiplies (B*T, D) rows
+    (`layers.flatten_rows`): with (B, T) apart, XLA:CPU copied the whole (B, T, V) logits' gradient
+    into a transposed layout for wte's gradient, the softmax's backward fused into that strided copy.
     """
-    return jnp.einsum("btd,vd->btv", h_BTD.astype(dtype), wte_VD.astype(dtype), preferred_element_type=jnp.float32)
+    h_RD = h_BTD.reshape(-1, h_BTD.shape[-1]) if flatten_rows() else h_BTD  # R: the B*T rows
+    logits = jnp.einsum("...d,vd->...v", h_RD.astype(dtype), wte_VD.astype(dtype), preferred_element_type=jnp.float32)
+    return logits.reshape(*h_BTD.shape[:-1], wte_VD.shape[0])
 
 
 def chunked_token_losses(h_BTD: Array, wte_VD: Array, targets_BT: Array, dtype: jnp.dtype, chunk: int) -> Array:

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from nanogpt_jax.attention import ATTENTION_IMPLS, attend, attend_cached, attention_impl
-from nanogpt_jax.layers import Projection, dense_init, layer_norm, zeros_init
+from nanogpt_jax.layers import Projection, dense_init, layer_norm
 from nanogpt_jax.loss import LOSS_IMPLS, batch_shards, chunked_token_losses, describe_loss, head_logits, loss_chunk_len
 
 Array = jax.Array
@@ -235,9 +235,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTD: Array, deterministic: bool) -> Array:
         c = self.config
-        h_BTF = nn.Dense(
-            4 * c.n_embd, use_bias=c.bias, dtype=c.compute_dtype, name="c_fc",
-            kernel_init=dense_init(0.02, ("embed", "mlp")), bias_init=zeros_init(("mlp",)),
+        h_BTF = Projection(
+            (c.n_embd,), (4 * c.n_embd,), ("embed", "mlp"), 0.02, c.compute_dtype, c.bias, name="c_fc",
         )(x_BTD)
         h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "mlp"))
         # GPT-2 was trained with the tanh approximation of the GELU. It runs inside c_proj's checkpoint

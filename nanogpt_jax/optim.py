@@ -104,7 +104,7 @@ def muon_lr_schedule(c: OptimConfig) -> optax.Schedule:
 def _matrix_dims(names: tuple[str | None, ...]) -> optax.contrib.MuonDimensionNumbers | None:
     """How Muon sees one parameter with these logical axis names, or None when it is no hidden matrix.
 
-    Kernels are laid out (inputs..., outputs...) (layers.Projection, nn.Dense): a block's kernel that
+    Kernels are laid out (inputs..., outputs...) (layers.Projection): a block's kernel that
     reads the residual stream has "embed" first (c_attn (D, 3, H, K), c_fc (D, 4D)), one that writes it
     has "embed" last (attn.c_proj (H, K, D), mlp.c_proj (4D, D)). The stream's side is one axis of the
     matrix, every other axis but "layers" is the other side (flattened by optax); "layers" is in neither,

@@ -16,8 +16,9 @@ never copies them. Three comparisons (--what, comma-separated; default all):
           iterations, with --bias=True (our shape) and as the README has it (bias=False)
           (median of its "time" column, iteration 0 left out), against
           `run_train.py --config configs/shakespeare_char.py:cpu` on the checkout's own
-          data/shakespeare_char (read through its meta.pkl) for as many steps (summary.json's
-          ms_per_step: the median, the first step left out).
+          data/shakespeare_char (read through its meta.pkl) for as many steps, with and without
+          biases (--config.model.bias; summary.json's ms_per_step: the median, the first step
+          left out).
   step    GPT-2 124M shape, a whole train step at --step-batch x --step-block tokens in --dtype
           (float32 by default): nanoGPT's `bench.py --device=cpu --compile=False --real_data=False`
           (bias False, as bench.py sets it; without CUDA, torch.cuda.synchronize, which a CPU-only
@@ -153,12 +154,18 @@ def nanogpt_train(checkout: Path, iters: int, tmp: Path) -> dict:
 
 
 def ours_train(checkout: Path, iters: int, tmp: Path) -> dict:
-    out = tmp / f"ours-train-{len(list(tmp.glob('ours-train-*')))}"
-    run([sys.executable, "run_train.py", "--config", "configs/shakespeare_char.py:cpu",
-         f"--config.data.data_dir={checkout / 'data' / 'shakespeare_char'}", f"--config.out_dir={out}",
-         f"--config.train.max_iters={iters}"], ROOT, our_env())
-    summary = json.loads((out / "summary.json").read_text())
-    return {"ms_per_step": summary["ms_per_step"], "val_loss": summary["val_loss"]}
+    """configs/shakespeare_char.py:cpu as it is (GPT-2's biases) and with model.bias=False, the README's shape."""
+    result = {}
+    for key, bias in (("ms_per_step", True), ("ms_per_step_readme", False)):
+        out = tmp / f"ours-train-{len(list(tmp.glob('ours-train-*')))}"
+        run([sys.executable, "run_train.py", "--config", "configs/shakespeare_char.py:cpu",
+             f"--config.data.data_dir={checkout / 'data' / 'shakespeare_char'}", f"--config.out_dir={out}",
+             f"--config.train.max_iters={iters}", f"--config.model.bias={bias}"], ROOT, our_env())
+        summary = json.loads((out / "summary.json").read_text())
+        result[key] = summary["ms_per_step"]
+        if bias:
+            result["val_loss"] = summary["val_loss"]
+    return result
 
 
 # ---- step: GPT-2 124M train step, nanoGPT's bench.py vs run_bench.py ------------------------------
@@ -268,8 +275,8 @@ def main() -> None:
                 a, b = median_of(theirs, "ms_per_step"), median_of(ours, "ms_per_step")
                 rows.append(("shakespeare_char CPU run (4x4x128, B12 T64, fp32, bias): ms/iter", a, b, a / b,
                              load_range))
-                a = median_of(theirs, "ms_per_step_readme")
-                rows.append(("  nanoGPT's README run (bias=False) vs ours: ms/iter", a, b, a / b, load_range))
+                a, b = median_of(theirs, "ms_per_step_readme"), median_of(ours, "ms_per_step_readme")
+                rows.append(("  the same without biases (nanoGPT's README run): ms/iter", a, b, a / b, load_range))
             elif name == "step":
                 a, b = median_of(theirs, "tokens_per_s"), median_of(ours, "tokens_per_s")
                 peak, fpt = ours[0]["peak_flops_per_device"], ours[0]["flops_per_token"]
